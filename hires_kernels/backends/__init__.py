@@ -1,0 +1,70 @@
+"""Backend registry: which kernels can run the fused projection here, and the default.
+
+Every backend module exposes ``forward`` and ``backward`` with the signatures of
+:mod:`hires_kernels.backends.reference` (its docstring holds the math), an
+``unavailable_reason(device)`` returning ``None`` when it can run tensors of that
+device, and ``DTYPES``, the activation dtypes it supports. Inputs arrive validated,
+dense in one memory format (NCHW or NHWC) shared by ``x`` and ``residual``, with the
+parameters in the accumulation dtype (float32, or float64 for float64 activations).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "HIRES_BACKEND"
+
+# The default for a device, fastest first.
+_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{'extension' if name in ('cpu', 'cuda') else name}")
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run tensors on ``device`` here, or None if it can."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+    try:
+        module = _module(name)
+    except ImportError as e:  # a backend whose dependencies are missing
+        return f"backend {name!r} cannot be imported: {e}"
+    return module.unavailable_reason(name, torch.device(device))
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run the fused projection on ``device``.
+
+    With no device, the backends usable for any device present (CPU, and CUDA when
+    a GPU is visible).
+    """
+    devices = [torch.device(device)] if device is not None else (
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    )
+    return [n for n in BACKENDS if any(unavailable_reason(n, d) is None for d in devices)]
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The backend that will run: ``requested``, else ``$HIRES_BACKEND``, else the
+    fastest available for ``device``. An explicit choice that cannot run is an error."""
+    name = requested or os.environ.get(ENV_VAR) or "auto"
+    if name == "auto":
+        for candidate in _PREFERENCE.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        source = "backend=" if requested else f"${ENV_VAR}="
+        raise RuntimeError(f"fused_projection: {source}{name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def get(name: str) -> ModuleType:
+    return _module(name)

@@ -1,0 +1,91 @@
+"""The ``reference`` backend: the fused projection's kernels written with torch ops.
+
+It runs on every device and dtype and states, in plain tensor code, the math that the
+``cpu``, ``triton`` and ``cuda`` kernels implement. Notation (per output channel c,
+M = N * H' * W' positions m, P the pooled input, W the 1x1 weights):
+
+Forward::
+
+    p     = avgpool_s(x)                      (count_include_pad=False, floor or ceil)
+    y     = W p
+    mean  = mean_m(y),  var = mean_m((y - mean)^2)      training (biased, two-pass);
+    mean, var = running statistics                       eval
+    rstd  = 1 / sqrt(var + eps),  yhat = (y - mean) * rstd
+    out   = gamma * yhat + beta (+ residual)
+
+Backward, with g = dL/dout::
+
+    dbeta  = sum_m g,   dgamma = sum_m g * yhat,   dresidual = g
+    dy     = gamma * rstd * (g - dbeta / M - yhat * dgamma / M)     training
+    dy     = gamma * rstd * g                                       eval
+    dW     = sum_m dy p^T,   dp = W^T dy
+    dx     = dp[i // s, j // s] / |window(i // s, j // s)|  inside a window, 0 outside
+             (floor mode leaves trailing rows/columns outside every window)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..shapes import memory_format_of, pooled_size, window_counts
+
+
+def forward(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
+    acc = weight.dtype
+    fmt = memory_format_of(x)
+    p = (
+        F.avg_pool2d(x, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
+        if stride > 1
+        else x
+    )
+    y = F.conv2d(p.to(acc), weight[:, :, None, None])
+    if training:
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = mean_in.clone(), var_in.clone()
+    scale = torch.rsqrt(var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    shift = -mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias
+    out = y * scale[:, None, None] + shift[:, None, None]
+    if residual is not None:
+        out = out + residual
+    out = out.to(x.dtype).contiguous(memory_format=fmt)
+    pooled = p.contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
+    return out, pooled, mean, var
+
+
+def backward(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+    acc = weight.dtype
+    fmt = memory_format_of(grad_out)
+    p = pooled.to(acc)
+    g = grad_out.to(acc)
+    m = g.numel() // g.shape[1]
+    rstd = torch.rsqrt(var + eps)
+    yhat = (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None]
+    dbeta = g.sum(dim=(0, 2, 3))
+    dgamma = (g * yhat).sum(dim=(0, 2, 3))
+    scale = rstd if bn_weight is None else rstd * bn_weight
+    if training:
+        dy = scale[:, None, None] * (g - (dbeta / m)[:, None, None] - yhat * (dgamma / m)[:, None, None])
+    else:
+        dy = scale[:, None, None] * g
+    dweight = torch.einsum("nchw,nkhw->ck", dy, p)
+    dp = F.conv2d(dy, weight.t()[:, :, None, None])
+    if stride > 1:
+        ch, cw = window_counts(in_h, in_w, stride, ceil_mode, device=dp.device, dtype=acc)
+        dp = dp / (ch[:, None] * cw[None, :])
+        dp = dp.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)[:, :, :in_h, :in_w]
+        dp = F.pad(dp, (0, in_w - dp.shape[3], 0, in_h - dp.shape[2]))
+    grad_x = dp.to(grad_out.dtype).contiguous(memory_format=fmt)
+    return grad_x, dweight, dgamma, dbeta
+
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(name, device):
+    return None

@@ -1,0 +1,211 @@
+"""The fused hierarchical projection: avgpool -> 1x1 conv -> BatchNorm (-> + residual).
+
+This module holds the public op, its eager reference (the oracle every backend is
+tested against), input validation, and the ``torch.library`` custom ops with their
+fake kernels and autograd formula. The kernels live in :mod:`hires_kernels.backends`;
+the math of forward and backward is in the docstring of
+:mod:`hires_kernels.backends.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .shapes import memory_format_of, pooled_size
+
+__all__ = ["fused_projection", "projection_reference"]
+
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def projection_reference(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, residual=None, *,
+    stride=1, training=True, momentum=0.1, eps=1e-5, ceil_mode=False,
+):
+    """The eager composition that :func:`fused_projection` must reproduce exactly
+    (SPEC §2), including its in-place update of the running statistics."""
+    c_out = weight.shape[0]
+    p = F.avg_pool2d(x, stride, stride, ceil_mode=ceil_mode, count_include_pad=False) if stride > 1 else x
+    y = F.conv2d(p, weight.reshape(c_out, -1, 1, 1))
+    z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return z if residual is None else residual + z
+
+
+def _check(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(f"fused_projection: {msg}")
+
+
+def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode):
+    """Every documented error, raised before any kernel runs or any state changes."""
+    _check(isinstance(x, torch.Tensor) and x.dim() == 4,
+           f"x must be a 4-D tensor [N, C_in, H, W], got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check(x.dtype in _ACTIVATION_DTYPES,
+           f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64", TypeError)
+    n, c_in, h, w = x.shape
+    _check(n > 0, "x is an empty batch (N == 0)")
+    _check(h > 0 and w > 0, f"x has an empty spatial size {h}x{w}")
+    _check(isinstance(weight, torch.Tensor), "weight must be a tensor")
+    _check(weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2:] == (1, 1)),
+           f"weight must be [C_out, C_in] or [C_out, C_in, 1, 1], got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    _check(weight.shape[1] == c_in, f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
+    _check(weight.is_floating_point(), f"weight must be floating point, got {weight.dtype}", TypeError)
+    _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1,
+           f"stride must be an integer >= 1, got {stride!r}")
+    _check(eps > 0, f"eps must be > 0, got {eps}")
+    h_out, w_out = pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode)
+    _check(h_out >= 1 and w_out >= 1,
+           f"stride={stride} is larger than the input {h}x{w} (pooled size {h_out}x{w_out}); use ceil_mode=True or a smaller stride")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _check(isinstance(t, torch.Tensor) and t.shape == (c_out,),
+                   f"{name} must have shape [C_out]=[{c_out}], got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+            _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+    _check((running_mean is None) == (running_var is None),
+           "running_mean and running_var must be given together or both be None")
+    _check(training or running_mean is not None,
+           "running_mean and running_var are required in eval mode (training=False)")
+    if residual is not None:
+        _check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == (n, c_out, h_out, w_out),
+               f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got "
+               f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+        _check(residual.dtype == x.dtype,
+               f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match", TypeError)
+    for name, t in (("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
+        if t is not None:
+            _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}", RuntimeError)
+    _check(not training or n * h_out * w_out > 1,
+           f"expected more than 1 value per channel when training, got input of size {tuple(x.shape)} "
+           f"(pooled to {h_out}x{w_out})")
+
+
+# --- custom ops ------------------------------------------------------------------
+
+@torch.library.custom_op("hires::projection_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+    residual: torch.Tensor | None, mean_in: torch.Tensor | None, var_in: torch.Tensor | None,
+    stride: int, ceil_mode: bool, training: bool, eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, pooled input saved for backward or empty at stride 1, mean, var)."""
+    return backends.get(backend).forward(
+        x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps)
+
+
+@_forward_op.register_fake
+def _(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps, backend):
+    n, c_in, h, w = x.shape
+    fmt = memory_format_of(x)
+    shape = (pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode))
+    out = x.new_empty((n, weight.shape[0], *shape)).contiguous(memory_format=fmt)
+    pooled = x.new_empty((n, c_in, *shape)).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
+    stats = weight.new_empty(weight.shape[0])
+    return out, pooled, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("hires::projection_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor, pooled: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None,
+    mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
+    training: bool, eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
+    return backends.get(backend).backward(
+        grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
+
+
+@_backward_op.register_fake
+def _(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
+    grad_x = grad_out.new_empty((grad_out.shape[0], weight.shape[1], in_h, in_w))
+    return (grad_x.contiguous(memory_format=memory_format_of(grad_out)), torch.empty_like(weight),
+            torch.empty_like(mean), torch.empty_like(mean))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
+    _, pooled, mean, var = output
+    ctx.save_for_backward(x if stride == 1 else pooled, weight, bn_weight, mean, var)
+    ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
+
+
+def _backward(ctx, grad_out, _grad_pooled, _grad_mean, _grad_var):
+    pooled, weight, bn_weight, mean, var = ctx.saved_tensors
+    stride, ceil_mode, in_h, in_w, training, eps, backend, fmt = ctx.meta
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    grad_x, grad_w, grad_gamma, grad_beta = _backward_op(
+        grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None,
+            grad_gamma if needs[2] else None, grad_beta if needs[3] else None,
+            grad_out if needs[4] else None, None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public op ---------------------------------------------------------------------
+
+def fused_projection(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, residual=None, *,
+    stride=1, training=True, momentum=0.1, eps=1e-5, ceil_mode=False, backend=None,
+):
+    """``avg_pool2d(stride) -> conv2d(1x1) -> batch_norm (-> + residual)`` in one fused op.
+
+    Returns exactly what :func:`projection_reference` returns and updates
+    ``running_mean`` / ``running_var`` in place as ``F.batch_norm`` does (training
+    mode, unbiased variance, ``momentum``). See SPEC §2 for the full contract.
+
+    Args:
+        x: ``[N, C_in, H, W]`` activations (float32, bfloat16, float16; float64 for checks),
+            NCHW or channels_last; the output keeps its memory format.
+        weight: 1x1 conv weights, ``[C_out, C_in]`` or ``[C_out, C_in, 1, 1]``.
+        bn_weight, bn_bias: BatchNorm affine parameters ``[C_out]`` or None.
+        running_mean, running_var: BatchNorm running statistics ``[C_out]`` or None
+            (required in eval mode).
+        residual: optional ``[N, C_out, H', W']`` tensor added to the result.
+        stride: pooling window and stride (1 = no pooling).
+        training: normalise with batch statistics and update the running ones.
+        momentum, eps: as in ``F.batch_norm``.
+        ceil_mode: pooling keeps a last, partial window (averaged over its valid elements).
+        backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"auto"``;
+            default ``$HIRES_BACKEND`` or the fastest available for ``x.device``.
+
+    Under ``torch.autocast`` the activations run in the autocast dtype, like the conv
+    this op replaces; parameters and statistics stay in float32.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
+    name = backends.resolve_backend(backend, x.device)
+    module = backends.get(name)
+    if x.dtype not in module.DTYPES:
+        raise TypeError(f"fused_projection: backend {name!r} does not support dtype {x.dtype}")
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    params = [None if t is None else t.to(acc).contiguous() for t in (bn_weight, bn_bias)]
+    w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc).contiguous()
+    use_running = not training
+    stats_in = [t.detach().to(acc) if use_running else None for t in (running_mean, running_var)]
+
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, mean, var = _forward_op(
+            x, w, *params, residual, *stats_in, stride, ceil_mode, training, float(eps), name)
+
+    if training and running_mean is not None:
+        n = out.numel() // out.shape[1]
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(
+                (var.detach() * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return out
