@@ -37,6 +37,9 @@ class HierarchicalProjection(nn.Module):
         self.ceil_mode = ceil_mode
         self.fused = fused
         self.backend = backend
+        # A torch.distributed process group whose ranks share batch statistics
+        # (SyncBatchNorm-style); set by hires_kernels.sync.convert_sync_projection.
+        self.sync_group = None
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats)
@@ -51,8 +54,14 @@ class HierarchicalProjection(nn.Module):
             factor = bn.momentum
         batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
         track = not self.training or bn.track_running_stats
-        op = fused_projection if self.fused else projection_reference
-        kwargs = {"backend": self.backend} if self.fused else {}
+        if self.sync_group is not None and self.training:
+            from .sync import sync_projection
+
+            op, kwargs = sync_projection, {"process_group": self.sync_group}
+        elif self.fused:
+            op, kwargs = fused_projection, {"backend": self.backend}
+        else:
+            op, kwargs = projection_reference, {}
         out = op(x, self.conv.weight, bn.weight, bn.bias,
                  bn.running_mean if track else None, bn.running_var if track else None, residual,
                  stride=self.stride, training=batch_stats, momentum=factor, eps=bn.eps,
