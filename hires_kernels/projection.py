@@ -88,17 +88,17 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
 
 @torch.library.custom_op("hires::projection_forward", mutates_args=())
 def _forward_op(
-    x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+    x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean_in: torch.Tensor | None, var_in: torch.Tensor | None,
     stride: int, ceil_mode: bool, training: bool, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, pooled input saved for backward or empty at stride 1, mean, var)."""
     return backends.get(backend).forward(
-        x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps)
+        x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps)
 
 
 @_forward_op.register_fake
-def _(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps, backend):
+def _(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps, backend):
     n, c_in, h, w = x.shape
     fmt = memory_format_of(x)
     shape = (pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode))
@@ -110,39 +110,47 @@ def _(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mod
 
 @torch.library.custom_op("hires::projection_backward", mutates_args=())
 def _backward_op(
-    grad_out: torch.Tensor, pooled: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None,
+    grad_out: torch.Tensor, saved: torch.Tensor, shift: torch.Tensor | None, weight: torch.Tensor, bn_weight: torch.Tensor | None,
     mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
     training: bool, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
     return backends.get(backend).backward(
-        grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
+        grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
 
 
 @_backward_op.register_fake
-def _(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
+def _(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
     grad_x = grad_out.new_empty((grad_out.shape[0], weight.shape[1], in_h, in_w))
     return (grad_x.contiguous(memory_format=memory_format_of(grad_out)), torch.empty_like(weight),
             torch.empty_like(mean), torch.empty_like(mean))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
+    x, shift, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
     _, pooled, mean, var = output
-    ctx.save_for_backward(x if stride == 1 else pooled, weight, bn_weight, mean, var)
+    # Stride 1 saves x itself (no copy) and subtracts the shift again in backward;
+    # otherwise the pooled input, already shifted, is all backward needs.
+    ctx.save_for_backward(x if stride == 1 else pooled, shift, weight, bn_weight, mean, var)
     ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
 
 
 def _backward(ctx, grad_out, _grad_pooled, _grad_mean, _grad_var):
-    pooled, weight, bn_weight, mean, var = ctx.saved_tensors
+    saved, shift, weight, bn_weight, mean, var = ctx.saved_tensors
     stride, ceil_mode, in_h, in_w, training, eps, backend, fmt = ctx.meta
     grad_out = grad_out.contiguous(memory_format=fmt)
     grad_x, grad_w, grad_gamma, grad_beta = _backward_op(
-        grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend)
+        grad_out, saved, shift if stride == 1 else None, weight, bn_weight, mean, var,
+        stride, ceil_mode, in_h, in_w, training, eps, backend)
+    if not training:
+        # dW = sum_m dy (p + shift)^T: the kernels summed dy p^T with the shifted p.
+        # (In training sum_m dy = 0, so the shift drops out exactly.)
+        scale = torch.rsqrt(var + eps) * (1 if bn_weight is None else bn_weight)
+        grad_w = grad_w + torch.outer(scale * grad_beta, shift)
     needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_w if needs[1] else None,
-            grad_gamma if needs[2] else None, grad_beta if needs[3] else None,
-            grad_out if needs[4] else None, None, None, None, None, None, None, None)
+    return (grad_x if needs[0] else None, None, grad_w if needs[2] else None,
+            grad_gamma if needs[3] else None, grad_beta if needs[4] else None,
+            grad_out if needs[5] else None, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -195,17 +203,23 @@ def fused_projection(
         residual = residual.contiguous(memory_format=fmt)
     params = [None if t is None else t.to(acc).contiguous() for t in (bn_weight, bn_bias)]
     w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc).contiguous()
-    use_running = not training
-    stats_in = [t.detach().to(acc) if use_running else None for t in (running_mean, running_var)]
+    # A per-channel shift taken from the data keeps the kernels' sums accurate for
+    # activations with a large mean; the statistics are corrected by W @ shift.
+    # The first pooled value of each channel is near the data at every stride.
+    first = x.detach()[0, :, :stride, :stride].to(acc).mean(dim=(1, 2))
+    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+    w_shift = w.detach() @ shift
+    mean_in = var_in = None
+    if not training:
+        mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc)
 
     with torch.autocast(x.device.type, enabled=False):
         out, _, mean, var = _forward_op(
-            x, w, *params, residual, *stats_in, stride, ceil_mode, training, float(eps), name)
+            x, shift, w, *params, residual, mean_in, var_in, stride, ceil_mode, training, float(eps), name)
 
     if training and running_mean is not None:
         n = out.numel() // out.shape[1]
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(
-                (var.detach() * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+            running_mean.mul_(1 - momentum).add_((mean + w_shift).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
     return out

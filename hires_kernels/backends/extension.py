@@ -33,13 +33,13 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
-def forward(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
+def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
     return torch.ops.hires_C.projection_forward(
-        x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps
+        x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps
     )
 
 
-def backward(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     return torch.ops.hires_C.projection_backward(
-        grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps
+        grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps
     )

@@ -1,26 +1,37 @@
 """The ``reference`` backend: the fused projection's kernels written with torch ops.
 
-It runs on every device and dtype and states, in plain tensor code, the math that the
-``cpu``, ``triton`` and ``cuda`` kernels implement. Notation (per output channel c,
-M = N * H' * W' positions m, P the pooled input, W the 1x1 weights):
+It runs on every device and dtype and states, in plain tensor code, the contract and
+the math that the ``cpu``, ``triton`` and ``cuda`` kernels implement.
+
+Contract (every backend): inputs arrive validated; ``x`` and ``residual`` dense in one
+memory format (NCHW or NHWC); parameters contiguous in the accumulation dtype (float32,
+or float64 for float64 activations); results keep the activations' dtype and format.
+``shift`` [C_in] is a per-channel constant subtracted from the activations as they are
+loaded (``x`` in forward, ``saved`` in backward when ``shift`` is given): the caller picks
+it near the data (the mean of x's first pooling window) so that sums stay accurate when activations have a large
+mean, and corrects the per-channel statistics for it (W @ shift), see projection.py.
+
+Notation (per output channel c, M = N * H' * W' positions, W the 1x1 weights):
 
 Forward::
 
-    p     = avgpool_s(x)                      (count_include_pad=False, floor or ceil)
+    p     = avgpool_s(x - shift)              (count_include_pad=False, floor or ceil)
     y     = W p
     mean  = mean_m(y),  var = mean_m((y - mean)^2)      training (biased, two-pass);
-    mean, var = running statistics                       eval
+    mean, var = mean_in, var_in                          eval
     rstd  = 1 / sqrt(var + eps),  yhat = (y - mean) * rstd
-    out   = gamma * yhat + beta (+ residual)
+    out   = gamma * yhat + beta (+ residual)       (subtract mean before scaling)
+    returns out, pooled = p (saved for backward; empty at stride 1), mean, var
 
-Backward, with g = dL/dout::
+Backward, with g = dL/dout and p = saved - shift (stride 1: saved is x) or saved::
 
-    dbeta  = sum_m g,   dgamma = sum_m g * yhat,   dresidual = g
+    dbeta  = sum_m g,   dgamma = sum_m g * yhat
     dy     = gamma * rstd * (g - dbeta / M - yhat * dgamma / M)     training
     dy     = gamma * rstd * g                                       eval
     dW     = sum_m dy p^T,   dp = W^T dy
     dx     = dp[i // s, j // s] / |window(i // s, j // s)|  inside a window, 0 outside
              (floor mode leaves trailing rows/columns outside every window)
+    returns dx, dW, dgamma, dbeta
 """
 
 from __future__ import annotations
@@ -28,18 +39,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..shapes import memory_format_of, pooled_size, window_counts
+from ..shapes import memory_format_of, window_counts
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def forward(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
+def unavailable_reason(name, device):
+    return None
+
+
+def _shifted(t, shift, acc):
+    return t.to(acc) - shift[None, :, None, None]
+
+
+def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
     acc = weight.dtype
     fmt = memory_format_of(x)
-    p = (
-        F.avg_pool2d(x, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
-        if stride > 1
-        else x
-    )
-    y = F.conv2d(p.to(acc), weight[:, :, None, None])
+    p = _shifted(x, shift, acc)
+    if stride > 1:
+        p = F.avg_pool2d(p, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
+    y = F.conv2d(p, weight[:, :, None, None])
     if training:
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
     else:
@@ -47,21 +66,22 @@ def forward(x, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ce
     scale = torch.rsqrt(var + eps)
     if bn_weight is not None:
         scale = scale * bn_weight
-    shift = -mean * scale
+    # (y - mean) * scale, not y * scale - mean * scale: the shifted mean may still
+    # be larger than the spread, and the second form cancels.
+    out = (y - mean[:, None, None]) * scale[:, None, None]
     if bn_bias is not None:
-        shift = shift + bn_bias
-    out = y * scale[:, None, None] + shift[:, None, None]
+        out = out + bn_bias[:, None, None]
     if residual is not None:
         out = out + residual
     out = out.to(x.dtype).contiguous(memory_format=fmt)
-    pooled = p.contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
+    pooled = p.to(x.dtype).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
     return out, pooled, mean, var
 
 
-def backward(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     acc = weight.dtype
     fmt = memory_format_of(grad_out)
-    p = pooled.to(acc)
+    p = saved.to(acc) if shift is None else _shifted(saved, shift, acc)
     g = grad_out.to(acc)
     m = g.numel() // g.shape[1]
     rstd = torch.rsqrt(var + eps)
@@ -82,10 +102,3 @@ def backward(grad_out, pooled, weight, bn_weight, mean, var, stride, ceil_mode, 
         dp = F.pad(dp, (0, in_w - dp.shape[3], 0, in_h - dp.shape[2]))
     grad_x = dp.to(grad_out.dtype).contiguous(memory_format=fmt)
     return grad_x, dweight, dgamma, dbeta
-
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def unavailable_reason(name, device):
-    return None

@@ -1,0 +1,114 @@
+"""Every backend of the fused projection against a float64 run of the eager composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hires_kernels
+from hires_kernels.projection import fused_projection, projection_reference
+from projection_cases import CASES, Case, backend_params, eager_lowp, errors, make_inputs, oracle, run
+
+BACKENDS = backend_params()
+IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+def check(errs: dict, tol: dict | float):
+    bad = {k: v for k, v in errs.items() if v > (tol[k] if isinstance(tol, dict) else tol)}
+    assert not bad, f"errors above tolerance: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_float32_matches_float64_oracle(backend, device, case):
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    result = run(fused_projection, case, make_inputs(case, torch.float32, device), backend=backend)
+    assert result[0].dtype == torch.float32
+    check(errors(result, oracle(case)), 1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.offset == 0][::2], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_low_precision_within_twice_eager_error(backend, device, dtype, case):
+    ref = oracle(case, dtype)
+    eager_errs = errors(eager_lowp(case, dtype, device), ref)
+    fused = run(fused_projection, case, make_inputs(case, dtype, device), backend=backend)
+    assert fused[0].dtype == dtype
+    # 2x the eager error (SPEC §3), with a floor of one rounding step of the dtype
+    # for quantities the eager run happens to get (nearly) exact.
+    floor = torch.finfo(dtype).eps
+    check(errors(fused, ref), {k: max(2 * v, floor) for k, v in eager_errs.items()})
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_output_keeps_memory_format(backend, device):
+    x = torch.randn(2, 4, 8, 8, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, device=device)
+    out = fused_projection(x, w, None, None, None, None, stride=2, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out = fused_projection(x.contiguous(), w, None, None, None, None, stride=2, backend=backend)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_nan_propagates_like_eager(backend, device):
+    case = Case(training=False)
+    inp = make_inputs(case, torch.float32, device)
+    inp["x"][0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        out = fused_projection(inp["x"], inp["weight"], inp["bn_weight"], inp["bn_bias"], inp["running_mean"],
+                               inp["running_var"], inp["residual"], stride=2, training=False, backend=backend)
+        ref = projection_reference(inp["x"], inp["weight"], inp["bn_weight"], inp["bn_bias"], inp["running_mean"],
+                                   inp["running_var"], inp["residual"], stride=2, training=False)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if d == "cpu" and b in ("reference", "cpu")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride,ceil_mode", [(1, False), (2, True), (3, False)])
+def test_gradcheck_float64(backend, device, training, stride, ceil_mode):
+    case = Case(n=2, c_in=3, c_out=4, h=5, w=7, stride=stride, ceil_mode=ceil_mode, training=training)
+    inp = make_inputs(case, torch.float64, device)
+    leaves = [inp[k].requires_grad_() for k in ("x", "weight", "bn_weight", "bn_bias", "residual")]
+
+    def f(x, w, g, b, r):
+        return fused_projection(x, w, g, b, inp["running_mean"].clone(), inp["running_var"].clone(), r,
+                                stride=stride, ceil_mode=ceil_mode, training=training, backend=backend)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("case", [Case(), Case(training=False, layout="channels_last", ceil_mode=True),
+                                  Case(stride=1, residual=False, affine=False)], ids=str)
+def test_opcheck(backend, device, case):
+    inp = make_inputs(case, torch.float32, device)
+    from projection_cases import layout
+    x = layout(inp["x"], case.layout).requires_grad_()
+    w = inp["weight"].requires_grad_()
+    res = layout(inp["residual"], case.layout) if inp["residual"] is not None else None
+    shift = inp["x"][0, :, 0, 0].clone()
+    args = (x, shift, w, inp["bn_weight"], inp["bn_bias"], res,
+            None if case.training else inp["running_mean"], None if case.training else inp["running_var"],
+            case.stride, case.ceil_mode, case.training, 1e-5, backend)
+    torch.library.opcheck(torch.ops.hires.projection_forward.default, args)
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in hires_kernels.available_backends()
+    assert "reference" in hires_kernels.available_backends("cpu")
+
+
+def test_backend_choice_by_env_and_argument(monkeypatch):
+    x = torch.randn(2, 3, 4, 4)
+    w = torch.randn(5, 3)
+    monkeypatch.setenv("HIRES_BACKEND", "nonexistent")
+    with pytest.raises(RuntimeError, match="HIRES_BACKEND"):
+        fused_projection(x, w, None, None, None, None)
+    out = fused_projection(x, w, None, None, None, None, backend="reference")
+    assert out.shape == (2, 5, 4, 4)
+    with pytest.raises(RuntimeError, match="backend="):
+        fused_projection(x, w, None, None, None, None, backend="bogus")
