@@ -43,7 +43,7 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
     _check(isinstance(x, torch.Tensor) and x.dim() == 4,
            f"x must be a 4-D tensor [N, C_in, H, W], got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     _check(x.dtype in _ACTIVATION_DTYPES,
-           f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64", TypeError)
+           f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64")
     n, c_in, h, w = x.shape
     _check(n > 0, "x is an empty batch (N == 0)")
     _check(h > 0 and w > 0, f"x has an empty spatial size {h}x{w}")
@@ -52,7 +52,7 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
            f"weight must be [C_out, C_in] or [C_out, C_in, 1, 1], got {tuple(weight.shape)}")
     c_out = weight.shape[0]
     _check(weight.shape[1] == c_in, f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
-    _check(weight.is_floating_point(), f"weight must be floating point, got {weight.dtype}", TypeError)
+    _check(weight.is_floating_point(), f"weight must be floating point, got {weight.dtype}")
     _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1,
            f"stride must be an integer >= 1, got {stride!r}")
     _check(eps > 0, f"eps must be > 0, got {eps}")
@@ -64,7 +64,7 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
         if t is not None:
             _check(isinstance(t, torch.Tensor) and t.shape == (c_out,),
                    f"{name} must have shape [C_out]=[{c_out}], got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-            _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+            _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}")
     _check((running_mean is None) == (running_var is None),
            "running_mean and running_var must be given together or both be None")
     _check(training or running_mean is not None,
@@ -74,7 +74,7 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
                f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got "
                f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
         _check(residual.dtype == x.dtype,
-               f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match", TypeError)
+               f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
     for name, t in (("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
         if t is not None:
@@ -194,7 +194,7 @@ def fused_projection(
     name = backends.resolve_backend(backend, x.device)
     module = backends.get(name)
     if x.dtype not in module.DTYPES:
-        raise TypeError(f"fused_projection: backend {name!r} does not support dtype {x.dtype}")
+        raise RuntimeError(f"fused_projection: backend {name!r} does not support dtype {x.dtype}")
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     fmt = memory_format_of(x)

@@ -23,18 +23,31 @@ ENV_VAR = "HIRES_BACKEND"
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+def _import(name: str) -> ModuleType | ImportError:
+    try:
+        return importlib.import_module(f"{__name__}.{'extension' if name in ('cpu', 'cuda') else name}")
+    except ImportError as e:  # a backend whose dependencies (triton) are missing
+        return e
+
+
+# Imported once, here: resolving a backend inside a torch.compile'd model must not import.
+_MODULES = {name: _import(name) for name in BACKENDS}
+
+
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(f"{__name__}.{'extension' if name in ('cpu', 'cuda') else name}")
+    module = _MODULES[name]
+    if isinstance(module, ImportError):
+        raise module
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """Why backend ``name`` cannot run tensors on ``device`` here, or None if it can."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
-    try:
-        module = _module(name)
-    except ImportError as e:  # a backend whose dependencies are missing
-        return f"backend {name!r} cannot be imported: {e}"
+    module = _MODULES[name]
+    if isinstance(module, ImportError):
+        return f"backend {name!r} cannot be imported: {module}"
     return module.unavailable_reason(name, torch.device(device))
 
 
@@ -53,7 +66,13 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend that will run: ``requested``, else ``$HIRES_BACKEND``, else the
     fastest available for ``device``. An explicit choice that cannot run is an error."""
-    name = requested or os.environ.get(ENV_VAR) or "auto"
+    return _resolve(requested, os.environ.get(ENV_VAR), device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: str | None, env: str | None, device_type: str) -> str:
+    device = torch.device(device_type)
+    name = requested or env or "auto"
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is None:
