@@ -15,15 +15,27 @@ from hires_kernels.shapes import pooled_size
 HAS_CUDA = torch.cuda.is_available()
 
 
-def backend_params():
-    """(backend, device) pairs to test: every backend that can run here.
+def backend_params(devices=("cpu", "cuda")):
+    """pytest params (backend, device) for every backend on every device; those that
+    cannot run here are skipped with the reason (e.g. no GPU, extension not built).
 
     Triton runs CPU tensors under TRITON_INTERPRET=1 (CI) and CUDA tensors on a GPU.
     """
-    pairs = [(b, "cpu") for b in hires_kernels.available_backends("cpu")]
-    if HAS_CUDA:
-        pairs += [(b, "cuda") for b in hires_kernels.available_backends("cuda")]
-    return pairs
+    import pytest
+    from hires_kernels.backends import BACKENDS, unavailable_reason
+
+    params = []
+    for device in devices:
+        for name in BACKENDS:
+            if name in ("cpu", "cuda") and name != device:
+                continue  # the compiled backends are per device by construction
+            if device == "cuda" and not HAS_CUDA:
+                reason = "needs a CUDA device"
+            else:
+                reason = unavailable_reason(name, device)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
+    return params
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from hires_kernels.projection import fused_projection, projection_reference
 from projection_cases import CASES, Case, backend_params, eager_lowp, errors, make_inputs, oracle, run
 
 BACKENDS = backend_params()
-IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
 
 def check(errs: dict, tol: dict | float):
@@ -19,7 +18,7 @@ def check(errs: dict, tol: dict | float):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_float32_matches_float64_oracle(backend, device, case):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -31,7 +30,7 @@ def test_float32_matches_float64_oracle(backend, device, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.offset == 0][::2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_low_precision_within_twice_eager_error(backend, device, dtype, case):
     ref = oracle(case, dtype)
     eager_errs = errors(eager_lowp(case, dtype, device), ref)
@@ -43,7 +42,7 @@ def test_low_precision_within_twice_eager_error(backend, device, dtype, case):
     check(errors(fused, ref), {k: max(2 * v, floor) for k, v in eager_errs.items()})
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_output_keeps_memory_format(backend, device):
     x = torch.randn(2, 4, 8, 8, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(6, 4, device=device)
@@ -53,7 +52,7 @@ def test_output_keeps_memory_format(backend, device):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_propagates_like_eager(backend, device):
     case = Case(training=False)
     inp = make_inputs(case, torch.float32, device)
@@ -66,7 +65,8 @@ def test_nan_propagates_like_eager(backend, device):
     assert torch.equal(out.isnan(), ref.isnan())
 
 
-@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if d == "cpu" and b in ("reference", "cpu")])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("reference", "cpu")
+                                             and p.values[1] == "cpu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride,ceil_mode", [(1, False), (2, True), (3, False)])
 def test_gradcheck_float64(backend, device, training, stride, ceil_mode):
@@ -81,7 +81,7 @@ def test_gradcheck_float64(backend, device, training, stride, ceil_mode):
     assert torch.autograd.gradcheck(f, leaves)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", [Case(), Case(training=False, layout="channels_last", ceil_mode=True),
                                   Case(stride=1, residual=False, affine=False)], ids=str)
 def test_opcheck(backend, device, case):
