@@ -1,0 +1,200 @@
+"""Cross-process batch statistics for the hierarchical projection (SyncBatchNorm-style).
+
+:func:`sync_projection` computes exactly what :func:`hires_kernels.fused_projection`
+computes, except that the per-channel batch statistics are those of the *whole*
+batch spread over the ranks of a ``torch.distributed`` process group, as
+``nn.SyncBatchNorm`` does for a plain BatchNorm:
+
+Forward (training): every rank computes, per output channel, its count ``n_r``, mean
+``mu_r`` and centred sum of squares ``M2_r = sum (y - mu_r)^2`` (two-pass, in float32
+or float64); one ``all_gather`` exchanges them and they are combined with Chan et al.'s
+parallel formula ``mu = sum n_r mu_r / n``, ``M2 = sum M2_r + n_r (mu_r - mu)^2``, which
+stays accurate for activations with a large mean (no naive ``E[y^2] - E[y]^2``).
+
+Backward: the per-channel sums ``sum g`` and ``sum g * yhat`` are all-reduced and
+divided by the global count, so the input gradient equals that of a single process
+on the concatenated batch (with the per-rank parameter gradients summing to the
+single-process ones, which DDP then averages).
+
+The pooling, 1x1 conv and their backward run with the ``reference`` backend's torch
+code, so this path works on every device and dtype that torch.distributed supports
+(gloo on CPU, NCCL on CUDA).
+
+:func:`convert_sync_projection` switches every
+:class:`~hires_kernels.HierarchicalProjection` of a model to this op (its ``forward``
+calls :func:`sync_projection` in training mode when ``sync_group`` is set).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .backends import reference
+from .projection import _validate
+from .shapes import memory_format_of
+
+__all__ = ["sync_projection", "convert_sync_projection"]
+
+
+def _world(process_group):
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _global_stats(y: torch.Tensor, offset: torch.Tensor, process_group):
+    """(count, mean, biased var) per channel over all ranks of ``y + offset`` ([N, C, H, W]
+    activations known up to a per-channel ``offset``, which may differ between ranks).
+
+    The returned mean is that of ``y`` (this rank's frame); the variance is the same in
+    every frame. Counts, means and centred sums of squares are combined in float64.
+    """
+    c = y.shape[1]
+    var_l, mean_l = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    n_l = y.numel() // c
+    world = _world(process_group)
+    if world == 1:
+        return n_l, mean_l, var_l
+    packed = torch.cat([var_l.new_full((1,), float(n_l)), mean_l + offset, var_l * n_l]).double()
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=process_group)
+    allv = torch.stack(gathered)                       # [world, 1 + 2C]
+    counts, means, m2s = allv[:, :1], allv[:, 1:1 + c], allv[:, 1 + c:]
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n
+    m2 = (m2s + counts * (means - mean) ** 2).sum(0)
+    return int(round(n.item())), (mean - offset.double()).to(y.dtype), (m2 / n).to(y.dtype)
+
+
+class _SyncProjection(torch.autograd.Function):
+    """Pool -> 1x1 conv -> BatchNorm with global statistics (-> + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, residual, stride, ceil_mode, eps, process_group):
+        acc = weight.dtype
+        fmt = memory_format_of(x)
+        # As fused_projection does: subtract a per-channel shift near the data (the
+        # mean of the first pooling window) so that sums stay accurate for large means.
+        first = x.detach()[0, :, :stride, :stride].to(acc).mean(dim=(1, 2))
+        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+        p = x.to(acc) - shift[None, :, None, None]
+        if stride > 1:
+            p = F.avg_pool2d(p, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
+        y = F.conv2d(p, weight[:, :, None, None])
+        w_shift = weight.detach() @ shift
+        count, mean, var = _global_stats(y, w_shift, process_group)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if bn_weight is None else rstd * bn_weight
+        out = (y - mean[:, None, None]) * scale[:, None, None]
+        if bn_bias is not None:
+            out = out + bn_bias[:, None, None]
+        if residual is not None:
+            out = out + residual
+        out = out.to(x.dtype).contiguous(memory_format=fmt)
+        # Stride 1 keeps x itself (the shift is subtracted again in backward).
+        saved = x if stride == 1 else p.to(x.dtype).contiguous(memory_format=fmt)
+        ctx.save_for_backward(saved, shift, weight, bn_weight, mean, var)
+        ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], eps, process_group, count,
+                    x.dtype, fmt, bn_weight is not None, bn_bias is not None)
+        stats = (mean + w_shift, var, mean.new_full((), float(count)))
+        stats = tuple(t.detach().clone() for t in stats)
+        ctx.mark_non_differentiable(*stats)
+        return (out,) + stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _gm, _gv, _gc):
+        saved, shift, weight, bn_weight, mean, var = ctx.saved_tensors
+        stride, ceil_mode, in_h, in_w, eps, group, count, x_dtype, fmt, has_w, has_b = ctx.meta
+        acc = weight.dtype
+        g = grad_out.to(acc).contiguous(memory_format=fmt)
+        p = saved.to(acc)
+        if stride == 1:
+            p = p - shift[None, :, None, None]
+        rstd = torch.rsqrt(var + eps)
+        yhat = (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None]
+        local = torch.cat([g.sum(dim=(0, 2, 3)), (g * yhat).sum(dim=(0, 2, 3))])
+        sums = local.clone()
+        if _world(group) > 1:
+            dist.all_reduce(sums, group=group)
+        c = weight.shape[0]
+        dbeta, dgamma = sums[:c], sums[c:]
+        scale = rstd if bn_weight is None else rstd * bn_weight
+        dy = scale[:, None, None] * (g - (dbeta / count)[:, None, None] - yhat * (dgamma / count)[:, None, None])
+        # The 1x1-conv and pooling backward of the reference backend: in eval mode with
+        # identity statistics (mean 0, var 1, eps 0) and no affine, its dy is our dy.
+        grad_x, dweight, _, _ = reference.backward(
+            dy, saved, shift if stride == 1 else None, weight, None, torch.zeros_like(mean),
+            torch.ones_like(var), stride, ceil_mode, in_h, in_w, False, 0.0)
+        needs = ctx.needs_input_grad
+        return (grad_x.to(x_dtype).contiguous(memory_format=fmt) if needs[0] else None,
+                dweight if needs[1] else None,
+                local[c:] if needs[2] and has_w else None,
+                local[:c] if needs[3] and has_b else None,
+                grad_out if needs[4] else None,
+                None, None, None, None)
+
+
+def sync_projection(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, residual=None, *,
+    stride=1, training=True, momentum=0.1, eps=1e-5, ceil_mode=False, process_group=None,
+):
+    """:func:`hires_kernels.fused_projection` with batch statistics shared across ranks.
+
+    Same arguments, result and running-statistics update as ``fused_projection``
+    (SPEC §2), except that in training mode the mean and variance are those of the
+    batch gathered over ``process_group`` (None = the default group; without an
+    initialised process group it is a single-process op). Gradients to ``bn_weight``
+    and ``bn_bias`` are this rank's contributions (DDP reduces them, like any
+    parameter gradient); the input gradient uses the all-reduced ``sum g`` and
+    ``sum g * yhat``, as ``nn.SyncBatchNorm`` does. In eval mode no communication
+    happens and the op equals ``fused_projection``.
+
+    Every rank must call it the same number of times with the same channel count
+    (it is a collective in training mode).
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
+    if not training:
+        from .projection import fused_projection
+
+        return fused_projection(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                stride=stride, training=False, momentum=momentum, eps=eps, ceil_mode=ceil_mode)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc)
+    gamma = None if bn_weight is None else bn_weight.to(acc)
+    beta = None if bn_bias is None else bn_bias.to(acc)
+    with torch.autocast(x.device.type, enabled=False):
+        out, mean, var, count = _SyncProjection.apply(
+            x, w, gamma, beta, residual, stride, ceil_mode, float(eps), process_group)
+    if running_mean is not None:
+        n = float(count)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return out
+
+
+def convert_sync_projection(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Make every :class:`~hires_kernels.HierarchicalProjection` in ``model`` share batch
+    statistics over ``process_group`` (None = the default group) in training mode.
+
+    Sets ``module.sync_group`` in place and returns ``model``. Use it together with
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` for the model's other BatchNorms.
+    """
+    from .module import HierarchicalProjection
+
+    group = process_group if process_group is not None else (
+        dist.group.WORLD if dist.is_available() else None)
+    for m in model.modules():
+        if isinstance(m, HierarchicalProjection):
+            m.sync_group = group
+    return model
