@@ -1,0 +1,75 @@
+"""The ``hires analyze`` subcommand (registered lazily by ``hires.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_arguments", "main", "load_checkpoint"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="HiResNet checkpoint (best.pt / last.pt)")
+    parser.add_argument("--dataset", default="cifar10", help="dataset name, as for training")
+    parser.add_argument("--data", default=None, help="dataset location, as for training")
+    parser.add_argument("--out", required=True, help="output folder for analysis.json and the figures")
+    parser.add_argument("--contrast", default=None, metavar="PLAIN_CHECKPOINT",
+                        help="checkpoint of the plain twin (sources='none'): report its F vs shortcut norms")
+    parser.add_argument("--num-images", type=int, default=256,
+                        help="test images for the addend statistics (default 256)")
+    parser.add_argument("--ablation-images", type=int, default=None,
+                        help="test images for the ablation (default: the whole test set)")
+    parser.add_argument("--feature-images", type=int, default=3, help="images in the feature-map figures")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the model with the fused projection op (default: as in the checkpoint)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from . import analyze
+    from ._io import load_checkpoint, test_data
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
+    contrast = None
+    if args.contrast:
+        contrast, _ = load_checkpoint(args.contrast, device=device, fused=args.fused)
+    images, labels, loader = test_data(args.dataset, args.data, config, batch_size=args.batch_size,
+                                       num_images=args.num_images)
+    report = analyze(model, images, labels, test_loader=loader, out_dir=args.out, contrast=contrast,
+                     num_feature_images=args.feature_images, batch_size=args.batch_size,
+                     ablation_limit=args.ablation_images, progress=not args.no_progress)
+    _summary(report, Path(args.out))
+    return report
+
+
+def _summary(report: dict, out: Path) -> None:
+    abl = report.get("ablation") or {}
+    base = abl.get("baseline_accuracy")
+    print(f"{report['num_blocks_with_projections']} blocks with {report['num_projections']} projections, "
+          f"{report['num_images']} images" + (f"; baseline accuracy {100 * base:.2f}% on "
+                                              f"{abl['num_images']} test images" if base is not None else ""))
+    for name, b in report["blocks"].items():
+        shares = ", ".join(f"{k} {100 * a['share']:.0f}%" for k, a in b["addends"].items())
+        cos = ", ".join(f"{k} {v:+.2f}" for k, v in b["cosine_F"].items() if k.startswith("P") and v is not None)
+        drops = ", ".join(f"{k} {100 * e['drop']:+.1f}" for k, e in b.get("ablation", {}).items()
+                          if e.get("drop") is not None)
+        print(f"  {name}: shares [{shares}]; cos(F, P) [{cos}]" + (f"; drop [{drops}] pts" if drops else ""))
+    print(f"report: {out / 'analysis.json'}")
+
+
+def load_checkpoint(path, device="cpu", fused=None):
+    from ._io import load_checkpoint as _load
+
+    return _load(path, device=device, fused=fused)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser("hires analyze")
+    add_arguments(p)
+    print(json.dumps(main(p.parse_args()).get("ablation"), indent=1))
