@@ -16,6 +16,15 @@ from hires_kernels import HierarchicalProjection
 EPS = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class StandInBlock(nn.Module):
     """A block with the analysis interface of hires.models:
 
@@ -217,3 +226,87 @@ def test_input_side_cosine_is_null_where_shapes_differ():
     assert stats["block1"]["cosine_F"]["P0"] is not None  # same shape (stride 1)
     assert stats["block2"]["cosine_F"]["P1"] is None       # P1 at 8x8 input, F at 4x4
     assert stats["block2"]["addends"]["P1"]["shape"] == [3, 8, 8]
+
+
+# --- the real models of hires.models ------------------------------------------------
+
+TINY = dict(planes=(8, 8, 16, 16), stem_width=8)
+
+
+def _tiny(name="hiresnet18", **kw):
+    models = pytest.importorskip("hires.models")
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=10, **TINY, **kw)
+    # non-trivial BN statistics, so that eval mode differs from the initial identity
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 16, 16))
+    return model.eval()
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_hiresnet_fused_and_eager_give_the_same_report(side):
+    fused = _tiny(sources="all", side=side, fused=True)
+    eager = _tiny(sources="all", side=side, fused=False)
+    eager.load_state_dict(fused.state_dict())
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    a = analyze(fused, x, y, progress=False)
+    b = analyze(eager, x, y, progress=False)
+    assert a["num_projections"] == 6 and a["fused"] == [True] and b["fused"] == [False]
+    assert list(a["blocks"]) == [n for n, _ in fused.hierarchical_blocks()]
+    for name, blk in a["blocks"].items():
+        assert set(blk["addends"]) == {"F", "shortcut", *(f"P{k}" for k in blk["sources"])}
+        for k, v in blk["addends"].items():
+            assert v["mean_channel_norm"] == pytest.approx(b["blocks"][name]["addends"][k]["mean_channel_norm"], rel=1e-5)
+        for k, e in blk["ablation"].items():
+            assert e == b["blocks"][name]["ablation"][k]
+    # P_k of the entry block of stage 4 against a direct eager computation
+    name, block = fused.hierarchical_blocks()[-1]
+    with torch.no_grad():
+        levels = [fused.stem(x)]
+        for stage in fused.stages[:-1]:
+            levels.append(stage(levels[-1]) if len(levels) == 1 else stage[1:](stage[0](levels[-1], levels)))
+        proj = block.projections[0]
+        p = proj.bn(proj.conv(F.avg_pool2d(levels[block.projection_sources[0]], proj.stride, ceil_mode=True)))
+    want = float(p.flatten(2).norm(dim=2).mean())
+    assert a["blocks"][name]["addends"][f"P{block.projection_sources[0]}"]["mean_channel_norm"] == pytest.approx(want, rel=1e-5)
+
+
+def test_hiresnet_plain_twin_message_and_contrast(tmp_path):
+    plain = _tiny("resnet18")
+    with pytest.raises(ValueError, match="no hierarchical projections"):
+        analyze(plain, torch.randn(2, 3, 16, 16))
+    model = _tiny(sources="stem")
+    report = analyze(model, torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), out_dir=tmp_path,
+                     contrast=plain, progress=False)
+    assert report["num_projections"] == 3
+    assert set(report["contrast"]["plain"]) == {n for n, _ in plain.named_modules() if hasattr(_, "capture_addends")}
+    assert set(report["contrast"]["hires"]) == set(report["contrast"]["plain"])
+    assert (tmp_path / "contrast.png").stat().st_size > 1000
+
+
+def test_cli_on_a_training_checkpoint(tmp_path, capsys):
+    """`hires analyze` end to end on the offline digits data and a checkpoint in the
+    format hires.train writes."""
+    pytest.importorskip("sklearn")
+    import argparse
+
+    from hires.analysis import add_arguments, main
+
+    model = _tiny(sources="all", fused=True)
+    config = {"model": "hiresnet18", "num_classes": 10, "sources": "all", "side": None, "fused": True,
+              "stem": None, "model_kwargs": TINY, "dataset": "digits", "data": None}
+    torch.save({"model": model.state_dict(), "config": config,
+                "normalization": {"mean": (0.305,) * 3, "std": (0.376,) * 3}}, tmp_path / "best.pt")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "analysis"
+    args = parser.parse_args(["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out), "--num-images", "10",
+                              "--ablation-images", "30", "--feature-images", "2", "--no-fused", "--no-progress"])
+    report = main(args)
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["num_images"] == 10 and saved["ablation"]["num_images"] == 30 and saved["fused"] == [False]
+    assert saved["ablation"]["baseline_accuracy"] is not None
+    assert all((out / f).stat().st_size > 1000 for f in saved["figures"]["feature_maps"].values())
+    assert report["blocks"].keys() == saved["blocks"].keys()
+    assert "baseline accuracy" in capsys.readouterr().out

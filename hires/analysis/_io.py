@@ -1,24 +1,63 @@
-"""Loading a checkpoint and the test data for ``hires analyze``."""
+"""Loading a training checkpoint and its test data for ``hires analyze``.
+
+Checkpoints are those of :mod:`hires.train` (``best.pt`` / ``last.pt``):
+``{"model": state_dict, "config": {"model", "num_classes", "sources", "side",
+"fused", "stem", "model_kwargs", "dataset", "data", ...}, "normalization": {"mean",
+"std"}, ...}``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch import nn
+
+__all__ = ["load_checkpoint", "test_data"]
 
 
-def load_checkpoint(path, device="cpu", fused=None):
-    """``(model, config)`` from a checkpoint ``{"model": state_dict, "config":
-    {"model": name, "num_classes": ..., "sources": ..., "side": ..., ...}}``."""
-    from hires.models import create_model
+def load_checkpoint(path, device="cpu", fused: bool | None = None) -> tuple[nn.Module, dict]:
+    """``(model, checkpoint)``: the model rebuilt from the checkpoint's config with its
+    weights, on ``device``, in eval mode; ``fused`` overrides the config's choice."""
+    from hires.train import _model_kwargs, build_model
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    config = dict(ckpt.get("config") or {})
-    kwargs = {k: config[k] for k in ("num_classes", "sources", "side", "fused") if k in config}
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a hires training checkpoint (expected a dict with 'model' "
+                         "(state_dict) and 'config' (with 'model', 'num_classes', ...))")
+    config = dict(ckpt["config"])
     if fused is not None:
-        kwargs["fused"] = fused
-    model = create_model(config["model"], **kwargs)
+        config["fused"] = fused
+    model = build_model(config["model"], config["num_classes"], **_model_kwargs(config))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
+    return model.to(device).eval(), ckpt
 
 
-def test_data(dataset, data, config, batch_size=128, num_images=256):
-    raise NotImplementedError("test data loading waits for hires.data")
+def test_data(ckpt: dict, dataset: str | None, data, *, device, batch_size: int,
+              num_images: int, ablation_images: int | None):
+    """``(images, labels, test_loader)``: a class-balanced subset of ``num_images``
+    test images (normalised as in training) for the statistics, and a loader over the
+    test split (or a class-balanced subset of ``ablation_images``) for the ablation.
+
+    ``dataset`` / ``data`` default to those the checkpoint was trained on."""
+    from hires.data import DeviceLoader, load_dataset, normalize
+
+    config = ckpt["config"]
+    dataset = dataset or config.get("dataset")
+    if dataset is None:
+        raise ValueError("the checkpoint does not name its dataset: pass --dataset")
+    test = load_dataset(dataset, data if data is not None else config.get("data"), train=False,
+                        download=bool(config.get("download", True)))
+    if test.num_classes != config["num_classes"]:
+        raise ValueError(f"{dataset} has {test.num_classes} classes but the model was trained for "
+                         f"{config['num_classes']}")
+    norm = ckpt.get("normalization")
+    if norm:  # the statistics used in training (imagefolder measures them on its train split)
+        test.mean, test.std = tuple(norm["mean"]), tuple(norm["std"])
+    fixed = test.subset(num_images, seed=0)
+    images = normalize(fixed.images, fixed.mean, fixed.std)
+    loader = DeviceLoader(test.subset(ablation_images, seed=0), batch_size, train=False, device=device)
+    return images, fixed.labels, loader

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-__all__ = ["add_arguments", "main", "load_checkpoint"]
+__all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="HiResNet checkpoint (best.pt / last.pt)")
-    parser.add_argument("--dataset", default="cifar10", help="dataset name, as for training")
-    parser.add_argument("--data", default=None, help="dataset location, as for training")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset name, as for training (default: the checkpoint's)")
+    parser.add_argument("--data", default=None,
+                        help="dataset path, as for training (default: the checkpoint's, then $HIRES_DATA)")
     parser.add_argument("--out", required=True, help="output folder for analysis.json and the figures")
     parser.add_argument("--contrast", default=None, metavar="PLAIN_CHECKPOINT",
                         help="checkpoint of the plain twin (sources='none'): report its F vs shortcut norms")
     parser.add_argument("--num-images", type=int, default=256,
-                        help="test images for the addend statistics (default 256)")
+                        help="test images (a class-balanced subset) for the addend statistics (default 256)")
     parser.add_argument("--ablation-images", type=int, default=None,
                         help="test images for the ablation (default: the whole test set)")
     parser.add_argument("--feature-images", type=int, default=3, help="images in the feature-map figures")
@@ -31,19 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from . import analyze
     from ._io import load_checkpoint, test_data
+    from .report import analyze
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, config = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
+    model, ckpt = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
     contrast = None
     if args.contrast:
         contrast, _ = load_checkpoint(args.contrast, device=device, fused=args.fused)
-    images, labels, loader = test_data(args.dataset, args.data, config, batch_size=args.batch_size,
-                                       num_images=args.num_images)
+    images, labels, loader = test_data(ckpt, args.dataset, args.data, device=device,
+                                       batch_size=args.batch_size, num_images=args.num_images,
+                                       ablation_images=args.ablation_images)
     report = analyze(model, images, labels, test_loader=loader, out_dir=args.out, contrast=contrast,
                      num_feature_images=args.feature_images, batch_size=args.batch_size,
-                     ablation_limit=args.ablation_images, progress=not args.no_progress)
+                     progress=not args.no_progress)
     _summary(report, Path(args.out))
     return report
 
@@ -63,13 +65,7 @@ def _summary(report: dict, out: Path) -> None:
     print(f"report: {out / 'analysis.json'}")
 
 
-def load_checkpoint(path, device="cpu", fused=None):
-    from ._io import load_checkpoint as _load
-
-    return _load(path, device=device, fused=fused)
-
-
 if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser("hires analyze")
-    add_arguments(p)
-    print(json.dumps(main(p.parse_args()).get("ablation"), indent=1))
+    parser = argparse.ArgumentParser("hires analyze")
+    add_arguments(parser)
+    main(parser.parse_args())
