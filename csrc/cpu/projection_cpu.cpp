@@ -1,0 +1,574 @@
+// CPU kernels of the fused projection: avgpool -> 1x1 conv -> BatchNorm (-> + residual).
+// Contract and math: hires_kernels/backends/reference.py.
+//
+// Design. The M = N*H'*W' output positions are cut into tiles of whole pooled rows
+// (units (n, oh), possibly spanning images); each thread owns a run of tiles and small
+// buffers in the accumulation dtype, laid out like the activations (channel-major [C, T]
+// for NCHW, position-major [T, C] for NHWC) so loads and stores stream. Pooling (with the
+// shift subtracted per element) happens while loading x; the GEMMs run on the tile
+// buffers through at::mm (MKL/oneDNN), single-threaded inside the parallel region.
+//
+// Forward, training: pass 1 pools x into the tile (writes `pooled`), centres it and
+//   accumulates the per-channel statistics of p (mean, covariance; Chan merge per tile
+//   and across threads). mean_y = W mean_p, var_y = diag(W Cov_p W^T) (a Chan-merged
+//   two-pass variance of y, without ever forming y). Pass 2 recomputes y = W p per tile
+//   and writes out = (y - mean) * gamma * rstd + beta (+ residual).
+// Forward, eval: pass 2 only (pooled written on the way), with the given statistics.
+// Backward: each tile loads z = [g; p]. Pass 1 accumulates Z p^T (= [sum g p^T; sum p p^T])
+//   and the row sums of z; that gives dbeta, dgamma = rstd (rowdot(W, A) - mean dbeta)
+//   and dW exactly (dy is affine in g and y = W p). Pass 2 computes dp = W^T dy = [B | C] z + d
+//   per tile in one GEMM and scatters it to grad_x with the pooling rule. No tensor of
+//   size [N, C_out, H', W'] other than the outputs (and the pooled input) is created.
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+int64_t pooled_size(int64_t size, int64_t s, bool ceil_mode) {
+  if (s == 1) return size;
+  int64_t out = (size - s + (ceil_mode ? s - 1 : 0)) / s + 1;
+  if (ceil_mode && (out - 1) * s >= size) out -= 1;
+  return out;
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "hires_C (cpu): expected a dense NCHW or channels_last tensor, got sizes ", t.sizes(),
+              " strides ", t.strides());
+  return true;
+}
+
+at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+
+// Geometry shared by the passes: images of C channels, H x W input, Ho x Wo pooled;
+// tiles of `rows` pooled rows (units u = n * Ho + oh).
+struct Tiling {
+  int64_t n, ho, wo, rows, units, ntiles, tmax;
+  Tiling(int64_t n_, int64_t ho_, int64_t wo_) : n(n_), ho(ho_), wo(wo_) {
+    units = n * ho;
+    rows = std::max<int64_t>(1, 128 / wo);
+    const int64_t want = 4 * at::get_num_threads();
+    while (rows > 1 && (units + rows - 1) / rows < want) rows /= 2;
+    ntiles = (units + rows - 1) / rows;
+    tmax = rows * wo;
+  }
+  int64_t u0(int64_t tile) const { return tile * rows; }
+  int64_t u1(int64_t tile) const { return std::min(units, (tile + 1) * rows); }
+};
+
+// A tile buffer holding a logical [C, T] matrix: element (c, t) at c * ld + t
+// (channel-major, NCHW) or t * ld + c (position-major, NHWC).
+template <bool CL>
+inline int64_t at_(int64_t c, int64_t t, int64_t ld) { return CL ? t * ld + c : c * ld + t; }
+
+// The logical [rows, T] view of a buffer tensor (allocated [C, tmax] or [tmax, C]).
+template <bool CL>
+at::Tensor logical(const at::Tensor& buf, int64_t c0, int64_t nc, int64_t t) {
+  return CL ? buf.narrow(0, 0, t).narrow(1, c0, nc).t() : buf.narrow(0, c0, nc).narrow(1, 0, t);
+}
+
+// Loads pooled-and-shifted activations of units [u0, u1) of `src` ([N, C, H, W], this
+// layout) into channels [c_off, c_off + C) of a tile buffer:
+//   dst(c, t) = mean over the window of (src - shift[c]).
+// `vrow` is scratch of W elements.
+template <bool CL, typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, const acc_t* shift,
+               int64_t ho, int64_t wo, int64_t u0, int64_t u1, acc_t* dst, int64_t ld, int64_t c_off,
+               acc_t* vrow) {
+  if (!CL) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t sh = shift[c];
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = u / ho, oh = u % ho;
+        acc_t* out = dst + (c + c_off) * ld + (u - u0) * wo;
+        const scalar_t* plane = src + (n * C + c) * H * W;
+        if (s == 1) {
+          const scalar_t* row = plane + oh * W;
+          for (int64_t j = 0; j < W; ++j) out[j] = static_cast<acc_t>(row[j]) - sh;
+          continue;
+        }
+        const int64_t i0 = oh * s, i1 = std::min(i0 + s, H);
+        const int64_t wlen = std::min(wo * s, W);
+        {
+          const scalar_t* row = plane + i0 * W;
+          for (int64_t j = 0; j < wlen; ++j) vrow[j] = static_cast<acc_t>(row[j]) - sh;
+        }
+        for (int64_t i = i0 + 1; i < i1; ++i) {
+          const scalar_t* row = plane + i * W;
+          for (int64_t j = 0; j < wlen; ++j) vrow[j] += static_cast<acc_t>(row[j]) - sh;
+        }
+        const int64_t ch = i1 - i0;
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
+          acc_t sum = 0;
+          for (int64_t j = j0; j < j1; ++j) sum += vrow[j];
+          out[ow] = sum / static_cast<acc_t>(ch * (j1 - j0));
+        }
+      }
+    }
+  } else {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / ho, oh = u % ho;
+      const int64_t i0 = oh * s, i1 = std::min(i0 + s, H);
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        acc_t* out = dst + ((u - u0) * wo + ow) * ld + c_off;
+        const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
+        bool first = true;
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const scalar_t* px = src + ((n * H + i) * W + j) * C;
+            if (first) {
+              for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(px[c]) - shift[c];
+              first = false;
+            } else {
+              for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(px[c]) - shift[c];
+            }
+          }
+        }
+        if (s > 1) {
+          const acc_t cnt = static_cast<acc_t>((i1 - i0) * (j1 - j0));
+          for (int64_t c = 0; c < C; ++c) out[c] /= cnt;
+        }
+      }
+    }
+  }
+}
+
+// Writes units [u0, u1) of dst ([N, C, Ho, Wo], this layout):
+//   dst = (buf(c, t) - mu[c]) * sc[c] + bt[c] (+ res), or the plain buffer when mu is null.
+template <bool CL, typename scalar_t, typename acc_t>
+void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64_t wo, int64_t u0, int64_t u1,
+                const acc_t* buf, int64_t ld, const acc_t* mu, const acc_t* sc, const acc_t* bt) {
+  if (!CL) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t m = mu ? mu[c] : acc_t(0), k = mu ? sc[c] : acc_t(1), b = mu ? bt[c] : acc_t(0);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = u / ho, oh = u % ho;
+        const int64_t off = ((n * C + c) * ho + oh) * wo;
+        const acc_t* in = buf + c * ld + (u - u0) * wo;
+        scalar_t* out = dst + off;
+        if (res) {
+          const scalar_t* r = res + off;
+          for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b + static_cast<acc_t>(r[j]));
+        } else {
+          for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b);
+        }
+      }
+    }
+  } else {
+    const int64_t t_n = (u1 - u0) * wo;
+    for (int64_t t = 0; t < t_n; ++t) {
+      const acc_t* in = buf + t * ld;
+      const int64_t off = (u0 * wo + t) * C;
+      scalar_t* out = dst + off;
+      if (!mu) {
+        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(in[c]);
+      } else if (res) {
+        const scalar_t* r = res + off;
+        for (int64_t c = 0; c < C; ++c)
+          out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c] + static_cast<acc_t>(r[c]));
+      } else {
+        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c]);
+      }
+    }
+  }
+}
+
+// grad_x for units [u0, u1): each pooled position spreads dp / |window| over its window;
+// rows and columns outside every window (floor mode) get 0. Each element is written once.
+template <bool CL, typename scalar_t, typename acc_t>
+void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int64_t ho, int64_t wo, int64_t u0,
+                  int64_t u1, const acc_t* buf, int64_t ld) {
+  const int64_t wcov = std::min(wo * s, W);  // columns inside some window
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / ho, oh = u % ho;
+    const int64_t i0 = oh * s, i1 = std::min(i0 + s, H), iend = (oh == ho - 1) ? H : i1;
+    const acc_t inv_h = acc_t(1) / static_cast<acc_t>(i1 - i0);
+    if (!CL) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* in = buf + c * ld + (u - u0) * wo;
+        scalar_t* plane = dx + (n * C + c) * H * W;
+        for (int64_t i = i0; i < iend; ++i) {
+          scalar_t* row = plane + i * W;
+          if (i >= i1) {
+            std::fill(row, row + W, scalar_t(0));
+            continue;
+          }
+          if (s == 1) {
+            for (int64_t j = 0; j < W; ++j) row[j] = static_cast<scalar_t>(in[j]);
+            continue;
+          }
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
+            const scalar_t v = static_cast<scalar_t>(in[ow] * inv_h / static_cast<acc_t>(j1 - j0));
+            for (int64_t j = j0; j < j1; ++j) row[j] = v;
+          }
+          std::fill(row + wcov, row + W, scalar_t(0));
+        }
+      }
+    } else {
+      for (int64_t i = i0; i < iend; ++i) {
+        scalar_t* row = dx + (n * H + i) * W * C;
+        if (i >= i1) {
+          std::fill(row, row + W * C, scalar_t(0));
+          continue;
+        }
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const acc_t* in = buf + ((u - u0) * wo + ow) * ld;
+          const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
+          const acc_t k = inv_h / static_cast<acc_t>(j1 - j0);
+          for (int64_t j = j0; j < j1; ++j) {
+            scalar_t* px = row + j * C;
+            if (s == 1) {
+              for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c]);
+            } else {
+              for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c] * k);
+            }
+          }
+        }
+        std::fill(row + wcov * C, row + W * C, scalar_t(0));
+      }
+    }
+  }
+}
+
+at::Tensor opt_or(const c10::optional<at::Tensor>& t, const at::Tensor& dflt) {
+  return (t.has_value() && t->defined()) ? *t : dflt;
+}
+
+// ------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, bool CL>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& residual, const at::Tensor& mean_in, const at::Tensor& var_in,
+    int64_t s, bool ceil_mode, bool training, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = weight.size(0);
+  const int64_t Ho = pooled_size(H, s, ceil_mode), Wo = pooled_size(W, s, ceil_mode);
+  const auto fmt = fmt_of(CL);
+  const auto aopt = weight.options();
+  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
+  at::Tensor pooled = s > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  const Tiling tl(N, Ho, Wo);
+  const int64_t M = N * Ho * Wo;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* shp = shift.const_data_ptr<acc_t>();
+  scalar_t* poolp = s > 1 ? pooled.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t ldp = CL ? C_in : tl.tmax, ldy = CL ? C_out : tl.tmax;
+  auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
+
+  at::Tensor mean, var;
+  if (training) {
+    // Pass 1: per-thread Chan accumulators of p's mean and co-moment matrix.
+    const int nthreads = at::get_num_threads();
+    std::vector<int64_t> cnt(nthreads, 0);
+    at::Tensor mean_acc = at::zeros({nthreads, C_in}, aopt), m2_acc = at::zeros({nthreads, C_in, C_in}, aopt);
+    at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
+      const int tid = at::get_thread_num();
+      at::Tensor pb = new_buf(C_in), cov = at::empty({C_in, C_in}, aopt);
+      std::vector<acc_t> vrow(W), mu(C_in), delta(C_in);
+      acc_t* P = pb.mutable_data_ptr<acc_t>();
+      acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
+      acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
+      const acc_t* cv = cov.const_data_ptr<acc_t>();
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
+        load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
+        if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
+        // Tile mean, then centre the tile in place.
+        std::fill(mu.begin(), mu.end(), acc_t(0));
+        if (!CL) {
+          for (int64_t c = 0; c < C_in; ++c) {
+            acc_t sum = 0;
+            for (int64_t t = 0; t < T; ++t) sum += P[c * ldp + t];
+            mu[c] = sum / static_cast<acc_t>(T);
+            for (int64_t t = 0; t < T; ++t) P[c * ldp + t] -= mu[c];
+          }
+        } else {
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t c = 0; c < C_in; ++c) mu[c] += P[t * ldp + c];
+          for (int64_t c = 0; c < C_in; ++c) mu[c] /= static_cast<acc_t>(T);
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t c = 0; c < C_in; ++c) P[t * ldp + c] -= mu[c];
+        }
+        at::Tensor pl = logical<CL>(pb, 0, C_in, T);
+        at::mm_out(cov, pl, pl.t());
+        // Chan merge (n_a, mean_a, M2_a) + (T, mu, cov).
+        const int64_t na = cnt[tid], nn = na + T;
+        const acc_t fb = static_cast<acc_t>(T) / static_cast<acc_t>(nn);
+        const acc_t fab = static_cast<acc_t>(na) * fb;
+        for (int64_t c = 0; c < C_in; ++c) delta[c] = mu[c] - mean_a[c];
+        for (int64_t i = 0; i < C_in; ++i) {
+          const acc_t di = delta[i] * fab;
+          acc_t* row = m2_a + i * C_in;
+          const acc_t* crow = cv + i * C_in;
+          for (int64_t j = 0; j < C_in; ++j) row[j] += crow[j] + di * delta[j];
+        }
+        for (int64_t c = 0; c < C_in; ++c) mean_a[c] += delta[c] * fb;
+        cnt[tid] = nn;
+      }
+    });
+    // Merge the threads (Chan), then the statistics of y = W p.
+    int64_t na = 0;
+    at::Tensor mean_p = at::zeros({C_in}, aopt), m2_p = at::zeros({C_in, C_in}, aopt);
+    for (int i = 0; i < nthreads; ++i) {
+      if (cnt[i] == 0) continue;
+      const int64_t nb = cnt[i], nn = na + nb;
+      at::Tensor delta = mean_acc[i] - mean_p;
+      m2_p.add_(m2_acc[i]).add_(at::outer(delta, delta), static_cast<double>(na) * nb / nn);
+      mean_p.add_(delta, static_cast<double>(nb) / nn);
+      na = nn;
+    }
+    TORCH_CHECK(na == M, "hires_C (cpu): internal error, statistics cover ", na, " of ", M, " positions");
+    mean = at::mv(weight, mean_p);
+    var = (at::mm(weight, m2_p) * weight).sum(1).div_(static_cast<double>(M)).clamp_min_(0);
+  } else {
+    mean = mean_in.clone();
+    var = var_in.clone();
+  }
+
+  // Pass 2 (the only pass in eval): y = W p per tile, normalised (+ residual).
+  at::Tensor scale = at::rsqrt(var + eps) * gamma;
+  const acc_t* mup = mean.const_data_ptr<acc_t>();
+  const acc_t* scp = scale.const_data_ptr<acc_t>();
+  const acc_t* btp = beta.const_data_ptr<acc_t>();
+  const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+  // Float32/64 training re-reads the exact pooled tensor; otherwise pool x again (eval:
+  // first time; low precision: p before rounding, as the statistics saw it).
+  const bool from_pooled = training && s > 1 && std::is_same<scalar_t, acc_t>::value;
+  at::Tensor zero_shift = at::zeros({C_in}, aopt);
+  at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
+    at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
+    std::vector<acc_t> vrow(W);
+    acc_t* P = pb.mutable_data_ptr<acc_t>();
+    const acc_t* Y = yb.const_data_ptr<acc_t>();
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
+      if (from_pooled) {
+        load_tile<CL>(static_cast<const scalar_t*>(poolp), C_in, Ho, Wo, 1, zero_shift.const_data_ptr<acc_t>(), Ho, Wo,
+                      u0, u1, P, ldp, 0, vrow.data());
+      } else {
+        load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
+        if (!training && poolp)
+          store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
+      }
+      at::Tensor yl = logical<CL>(yb, 0, C_out, T);
+      at::mm_out(yl, weight, logical<CL>(pb, 0, C_in, T));
+      TORCH_CHECK(yl.const_data_ptr() == Y, "hires_C (cpu): internal error, GEMM output moved");
+      store_tile<CL, scalar_t, acc_t>(outp, resp, C_out, Ho, Wo, u0, u1, Y, ldy, mup, scp, btp);
+    }
+  });
+  return {out, pooled, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cpu(
+    const at::Tensor& x_, const at::Tensor& shift, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
+    const c10::optional<at::Tensor>& bn_bias, const c10::optional<at::Tensor>& residual_,
+    const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in, int64_t stride, bool ceil_mode,
+    bool training, double eps) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  // Worker threads do not inherit the dispatch guard: no input may carry autograd state.
+  const at::Tensor weight = weight_.detach();
+  TORCH_CHECK(x_.dim() == 4, "hires_C (cpu): x must be 4-D [N, C_in, H, W], got ", x_.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_.size(1) && weight.is_contiguous(),
+              "hires_C (cpu): weight must be a contiguous [C_out, C_in] matrix, got ", weight.sizes());
+  TORCH_CHECK(stride >= 1, "hires_C (cpu): stride must be >= 1");
+  const bool cl = is_channels_last(x_);
+  const auto acc = weight.scalar_type();
+  TORCH_CHECK(acc == (x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+              "hires_C (cpu): weight must be in the accumulation dtype, got ", acc, " for x of ", x_.scalar_type());
+  const int64_t C_in = x_.size(1), C_out = weight.size(0);
+  auto param = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.numel() == t.size(0) && t.dim() == 1, "hires_C (cpu): ", name, " must be 1-D, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == acc, "hires_C (cpu): ", name, " must have dtype ", acc, ", got ", t.scalar_type());
+    return t.contiguous();
+  };
+  TORCH_CHECK(shift.numel() == C_in, "hires_C (cpu): shift must have C_in=", C_in, " elements");
+  at::Tensor sh = param(shift, "shift");
+  at::Tensor gamma = param(opt_or(bn_weight, at::ones({C_out}, weight.options())), "bn_weight");
+  at::Tensor beta = param(opt_or(bn_bias, at::zeros({C_out}, weight.options())), "bn_bias");
+  at::Tensor residual = opt_or(residual_, at::Tensor());
+  if (residual.defined()) {
+    TORCH_CHECK(residual.dim() == 4 && residual.size(1) == C_out && residual.scalar_type() == x_.scalar_type(),
+                "hires_C (cpu): residual must be [N, C_out, H', W'] in x's dtype, got ", residual.sizes());
+    residual = residual.contiguous(fmt_of(cl));
+  }
+  at::Tensor mi, vi;
+  if (!training) {
+    TORCH_CHECK(mean_in.has_value() && var_in.has_value() && mean_in->defined() && var_in->defined(),
+                "hires_C (cpu): eval mode needs mean_in and var_in");
+    mi = param(*mean_in, "mean_in");
+    vi = param(*var_in, "var_in");
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_.scalar_type(), "projection_forward_cpu", [&] {
+    if (cl)
+      result = forward_impl<scalar_t, true>(x_, sh, weight, gamma, beta, residual, mi, vi, stride, ceil_mode, training, eps);
+    else
+      result = forward_impl<scalar_t, false>(x_, sh, weight, gamma, beta, residual, mi, vi, stride, ceil_mode, training, eps);
+  });
+  return result;
+}
+
+// ------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t, bool CL>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& shift, const at::Tensor& weight,
+    const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& var, int64_t s, bool ceil_mode, int64_t H,
+    int64_t W, bool training, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = g.size(0), C_out = g.size(1), Ho = g.size(2), Wo = g.size(3), C_in = weight.size(1);
+  const auto aopt = weight.options();
+  const int64_t M = N * Ho * Wo;
+  const int64_t Cz = C_out + C_in;           // z = [g; p] per position
+  const int64_t Kz = training ? Cz : C_out;  // rows of z that the GEMMs use
+  at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(fmt_of(CL)));
+  const Tiling tl(N, Ho, Wo);
+  const int64_t ldz = CL ? Cz : tl.tmax, ldd = CL ? C_in : tl.tmax;
+  auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* sp = saved.const_data_ptr<scalar_t>();
+  at::Tensor zero = at::zeros({std::max(C_in, C_out)}, aopt);
+  const acc_t* zp = zero.const_data_ptr<acc_t>();
+  const acc_t* shp = shift.defined() ? shift.const_data_ptr<acc_t>() : zp;
+  auto load_z = [&](int64_t u0, int64_t u1, acc_t* Z, acc_t* vrow) {
+    load_tile<CL>(gp, C_out, Ho, Wo, 1, zp, Ho, Wo, u0, u1, Z, ldz, 0, vrow);
+    load_tile<CL>(sp, C_in, Ho, Wo, 1, shp, Ho, Wo, u0, u1, Z, ldz, C_out, vrow);
+  };
+
+  // Pass 1: per thread, acc = sum Z[:Kz] p^T and the row sums of z.
+  const int nthreads = at::get_num_threads();
+  at::Tensor gram = at::zeros({nthreads, Kz, C_in}, aopt), zsum = at::zeros({nthreads, Cz}, aopt);
+  at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
+    const int tid = at::get_thread_num();
+    at::Tensor zb = new_buf(Cz), acc = gram[tid];
+    std::vector<acc_t> vrow(std::max(Wo, W));
+    acc_t* Z = zb.mutable_data_ptr<acc_t>();
+    acc_t* zs = zsum[tid].mutable_data_ptr<acc_t>();
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
+      load_z(u0, u1, Z, vrow.data());
+      if (!CL) {
+        for (int64_t c = 0; c < Cz; ++c) {
+          acc_t sum = 0;
+          for (int64_t t = 0; t < T; ++t) sum += Z[c * ldz + t];
+          zs[c] += sum;
+        }
+      } else {
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t c = 0; c < Cz; ++c) zs[c] += Z[t * ldz + c];
+      }
+      acc.addmm_(logical<CL>(zb, 0, Kz, T), logical<CL>(zb, C_out, C_in, T).t());
+    }
+  });
+  at::Tensor G = gram.sum(0), S = zsum.sum(0);
+  at::Tensor A = G.narrow(0, 0, C_out);  // sum g p^T
+  at::Tensor dbeta = S.narrow(0, 0, C_out).clone(), Sp = S.narrow(0, C_out, C_in);
+  at::Tensor rstd = at::rsqrt(var + eps);
+  at::Tensor scale = rstd * gamma;
+  at::Tensor dgamma = rstd * ((weight * A).sum(1) - mean * dbeta);
+  at::Tensor dW, Bm, d;
+  if (training) {
+    // dy = scale g + k y + cv with y = W p (the training formula expanded)
+    at::Tensor k = -scale * rstd * dgamma / static_cast<double>(M);
+    at::Tensor cv = -scale * dbeta / static_cast<double>(M) - k * mean;
+    at::Tensor Gp = G.narrow(0, C_out, C_in);
+    dW = scale.unsqueeze(1) * A + k.unsqueeze(1) * at::mm(weight, Gp) + at::outer(cv, Sp);
+    at::Tensor wt = weight.t();
+    Bm = at::cat({wt * scale.unsqueeze(0), at::mm(wt * k.unsqueeze(0), weight)}, 1).contiguous();
+    d = at::mv(wt, cv).contiguous();
+  } else {
+    dW = scale.unsqueeze(1) * A;
+    Bm = (weight.t() * scale.unsqueeze(0)).contiguous();
+    d = zero.narrow(0, 0, C_in);
+  }
+  const acc_t* dptr = d.const_data_ptr<acc_t>();
+
+  // Pass 2: dp = Bm z + d per tile, scattered to grad_x.
+  scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
+    at::Tensor zb = new_buf(Cz), db = new_buf(C_in);
+    std::vector<acc_t> vrow(std::max(Wo, W));
+    acc_t* Z = zb.mutable_data_ptr<acc_t>();
+    acc_t* D = db.mutable_data_ptr<acc_t>();
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
+      load_z(u0, u1, Z, vrow.data());
+      at::Tensor dl = logical<CL>(db, 0, C_in, T);
+      at::mm_out(dl, Bm, logical<CL>(zb, 0, Kz, T));
+      TORCH_CHECK(dl.const_data_ptr() == D, "hires_C (cpu): internal error, GEMM output moved");
+      if (training) {
+        if (!CL) {
+          for (int64_t c = 0; c < C_in; ++c)
+            for (int64_t t = 0; t < T; ++t) D[c * ldd + t] += dptr[c];
+        } else {
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t c = 0; c < C_in; ++c) D[t * ldd + c] += dptr[c];
+        }
+      }
+      scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldd);
+    }
+  });
+  return {grad_x, dW, dgamma, dbeta};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& saved_, const c10::optional<at::Tensor>& shift_,
+    const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean, const at::Tensor& var,
+    int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor weight = weight_.detach();
+  TORCH_CHECK(grad_out.dim() == 4, "hires_C (cpu): grad_out must be 4-D [N, C_out, H', W'], got ", grad_out.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == grad_out.size(1) && weight.is_contiguous(),
+              "hires_C (cpu): weight must be a contiguous [C_out, C_in] matrix matching grad_out, got ", weight.sizes());
+  const bool cl = is_channels_last(grad_out);
+  const int64_t N = grad_out.size(0), C_out = weight.size(0), C_in = weight.size(1);
+  const int64_t Ho = grad_out.size(2), Wo = grad_out.size(3);
+  TORCH_CHECK(Ho == pooled_size(in_h, stride, ceil_mode) && Wo == pooled_size(in_w, stride, ceil_mode),
+              "hires_C (cpu): grad_out's spatial size ", Ho, "x", Wo, " does not match input ", in_h, "x", in_w,
+              " pooled with stride ", stride);
+  TORCH_CHECK(saved_.dim() == 4 && saved_.size(0) == N && saved_.size(1) == C_in && saved_.size(2) == Ho &&
+                  saved_.size(3) == Wo && saved_.scalar_type() == grad_out.scalar_type(),
+              "hires_C (cpu): saved must be [N, C_in, H', W'] in grad_out's dtype, got ", saved_.sizes());
+  const auto acc = weight.scalar_type();
+  TORCH_CHECK(acc == (grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+              "hires_C (cpu): weight must be in the accumulation dtype");
+  at::Tensor saved = saved_.contiguous(fmt_of(cl));
+  at::Tensor shift = opt_or(shift_, at::Tensor());
+  if (shift.defined()) {
+    TORCH_CHECK(shift.numel() == C_in && shift.scalar_type() == acc, "hires_C (cpu): shift must be [C_in] in ", acc);
+    shift = shift.contiguous();
+  }
+  at::Tensor gamma = opt_or(bn_weight, at::ones({C_out}, weight.options())).contiguous();
+  TORCH_CHECK(gamma.numel() == C_out && mean.numel() == C_out && var.numel() == C_out,
+              "hires_C (cpu): bn_weight, mean and var must have C_out elements");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "projection_backward_cpu", [&] {
+    if (cl)
+      result = backward_impl<scalar_t, true>(grad_out, saved, shift, weight, gamma, mean.contiguous(), var.contiguous(),
+                                             stride, ceil_mode, in_h, in_w, training, eps);
+    else
+      result = backward_impl<scalar_t, false>(grad_out, saved, shift, weight, gamma, mean.contiguous(),
+                                              var.contiguous(), stride, ceil_mode, in_h, in_w, training, eps);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hires_C, CPU, m) {
+  m.impl("projection_forward", &projection_forward_cpu);
+  m.impl("projection_backward", &projection_backward_cpu);
+}
