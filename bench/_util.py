@@ -236,7 +236,9 @@ def geomean(values) -> float:
 def autocast_ctx(device, dtype):
     """bf16/fp16 autocast on CUDA for half dtypes; nothing for float32."""
     if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(torch.device(device).type, dtype=dtype)
+        # No cast cache: each call casts its weights (as a fresh forward does) and the
+        # same callable can be captured in a CUDA graph.
+        return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
     return nullcontext()
 
 
