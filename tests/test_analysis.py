@@ -298,15 +298,23 @@ def test_cli_on_a_training_checkpoint(tmp_path, capsys):
               "stem": None, "model_kwargs": TINY, "dataset": "digits", "data": None}
     torch.save({"model": model.state_dict(), "config": config,
                 "normalization": {"mean": (0.305,) * 3, "std": (0.376,) * 3}}, tmp_path / "best.pt")
+    plain_config = {**config, "model": "resnet18", "sources": None}
+    torch.save({"model": _tiny("resnet18").state_dict(), "config": plain_config}, tmp_path / "plain.pt")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "analysis"
     args = parser.parse_args(["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out), "--num-images", "10",
-                              "--ablation-images", "30", "--feature-images", "2", "--no-fused", "--no-progress"])
-    report = main(args)
+                              "--ablation-images", "30", "--feature-images", "2", "--no-fused", "--no-progress",
+                              "--contrast", str(tmp_path / "plain.pt")])
+    assert main(args) == 0
     saved = json.loads((out / "analysis.json").read_text())
     assert saved["num_images"] == 10 and saved["ablation"]["num_images"] == 30 and saved["fused"] == [False]
     assert saved["ablation"]["baseline_accuracy"] is not None
     assert all((out / f).stat().st_size > 1000 for f in saved["figures"]["feature_maps"].values())
-    assert report["blocks"].keys() == saved["blocks"].keys()
+    assert list(saved["blocks"]) == [n for n, _ in model.hierarchical_blocks()]
+    assert saved["contrast"]["plain"]["stages.1.0"]["F_over_shortcut"] > 0
     assert "baseline accuracy" in capsys.readouterr().out
+    # a plain checkpoint: the clear message, exit status 2
+    args.checkpoint, args.contrast = str(tmp_path / "plain.pt"), None
+    assert main(args) == 2
+    assert "no hierarchical projections" in capsys.readouterr().err

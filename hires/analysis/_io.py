@@ -17,23 +17,20 @@ __all__ = ["load_checkpoint", "test_data"]
 
 
 def load_checkpoint(path, device="cpu", fused: bool | None = None) -> tuple[nn.Module, dict]:
-    """``(model, checkpoint)``: the model rebuilt from the checkpoint's config with its
-    weights, on ``device``, in eval mode; ``fused`` overrides the config's choice."""
-    from hires.train import _model_kwargs, build_model
+    """``(model in eval mode, checkpoint)`` via :func:`hires.evaluate.load_checkpoint_model`;
+    ``fused`` switches the projections between the fused op and the eager modules
+    (the parameters are the same either way)."""
+    from hires.evaluate import load_checkpoint_model
+    from hires_kernels import HierarchicalProjection
 
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a hires training checkpoint (expected a dict with 'model' "
-                         "(state_dict) and 'config' (with 'model', 'num_classes', ...))")
-    config = dict(ckpt["config"])
+    model, ckpt = load_checkpoint_model(path, device)
     if fused is not None:
-        config["fused"] = fused
-    model = build_model(config["model"], config["num_classes"], **_model_kwargs(config))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+        for m in model.modules():
+            if isinstance(m, HierarchicalProjection):
+                m.fused = fused
+    return model, ckpt
 
 
 def test_data(ckpt: dict, dataset: str | None, data, *, device, batch_size: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -25,29 +26,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test images for the ablation (default: the whole test set)")
     parser.add_argument("--feature-images", type=int, default=3, help="images in the feature-map figures")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="build the model with the fused projection op (default: as in the checkpoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> int:
+    from hires.data import DatasetNotFoundError
+    from hires.train import _resolve_device
+
     from ._io import load_checkpoint, test_data
     from .report import analyze
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
-    contrast = None
-    if args.contrast:
-        contrast, _ = load_checkpoint(args.contrast, device=device, fused=args.fused)
-    images, labels, loader = test_data(ckpt, args.dataset, args.data, device=device,
-                                       batch_size=args.batch_size, num_images=args.num_images,
-                                       ablation_images=args.ablation_images)
-    report = analyze(model, images, labels, test_loader=loader, out_dir=args.out, contrast=contrast,
-                     num_feature_images=args.feature_images, batch_size=args.batch_size,
-                     progress=not args.no_progress)
+    try:
+        device = _resolve_device(args.device, 0)
+        model, ckpt = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
+        contrast = None
+        if args.contrast:
+            contrast, _ = load_checkpoint(args.contrast, device=device, fused=args.fused)
+        images, labels, loader = test_data(ckpt, args.dataset, args.data, device=device,
+                                           batch_size=args.batch_size, num_images=args.num_images,
+                                           ablation_images=args.ablation_images)
+        report = analyze(model, images, labels, test_loader=loader, out_dir=args.out, contrast=contrast,
+                         num_feature_images=args.feature_images, batch_size=args.batch_size,
+                         progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, DatasetNotFoundError) as e:
+        print(f"hires analyze: error: {e}", file=sys.stderr)
+        return 2
     _summary(report, Path(args.out))
-    return report
+    return 0
 
 
 def _summary(report: dict, out: Path) -> None:
@@ -68,4 +76,4 @@ def _summary(report: dict, out: Path) -> None:
 if __name__ == "__main__":  # pragma: no cover
     parser = argparse.ArgumentParser("hires analyze")
     add_arguments(parser)
-    main(parser.parse_args())
+    sys.exit(main(parser.parse_args()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,18 +93,16 @@ def _capturing(blocks: list[tuple[str, nn.Module]]):
 
 
 @contextlib.contextmanager
-def _ablating(block: nn.Module | None, names: Iterable[str], all_blocks=()):
-    """Set ``ablate`` on ``block`` (or on every block of ``all_blocks`` when
-    ``block`` is None) for the duration, restoring what was there."""
-    targets = [block] if block is not None else [b for _, b in all_blocks]
-    saved = [set(getattr(b, "ablate", set()) or set()) for b in targets]
-    for b in targets:
-        b.ablate = set(names) if block is not None else {_key(k) for k in b.projection_sources}
+def _ablating(plan: dict[nn.Module, set[str]]):
+    """Set ``block.ablate`` to ``plan[block]`` for the duration, then restore it."""
+    saved = {b: set(getattr(b, "ablate", ()) or ()) for b in plan}
+    for b, names in plan.items():
+        b.ablate = set(names)
     try:
         yield
     finally:
-        for b, s in zip(targets, saved):
-            b.ablate = s
+        for b, names in saved.items():
+            b.ablate = names
 
 
 def iter_batches(data, batch_size: int = 128, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -122,9 +120,7 @@ def iter_batches(data, batch_size: int = 128, limit: int | None = None) -> Itera
         return
     seen = 0
     for batch in data:
-        if isinstance(batch, dict):
-            x, y = batch.get("image", batch.get("images")), batch.get("label", batch.get("labels"))
-        elif isinstance(batch, (tuple, list)):
+        if isinstance(batch, (tuple, list)):
             x, y = batch[0], (batch[1] if len(batch) > 1 else None)
         else:
             x, y = batch, None
@@ -166,35 +162,32 @@ class _BlockAccumulator:
         self.n = 0
         self.keep = keep
         self.norm_sum: dict[str, torch.Tensor] = {}   # [C] sum over images of per-channel L2
-        self.rms_sum: dict[str, torch.Tensor] = {}    # [C] same, divided by sqrt(H*W)
         self.cos_sum: dict[str, float] = {}           # "F vs X": sum over images of cos(F, X)
         self.shapes: dict[str, list[int]] = {}
         self.samples: dict[str, torch.Tensor] = {}    # the first `keep` images' addends
 
     def add(self, addends: dict[str, torch.Tensor]):
-        addends = {k: v for k, v in addends.items() if v is not None}
+        addends = {k: v.detach() for k, v in addends.items() if v is not None}
         n = next(iter(addends.values())).shape[0]
+        flat = {}
         for k, v in addends.items():
-            v = v.detach().double()
             if v.dim() != 4:
                 raise ValueError(f"addend {k!r} has shape {tuple(v.shape)}; expected [N, C, H, W]")
             self.shapes[k] = list(v.shape[1:])
-            per_channel = v.flatten(2).norm(dim=2)                        # [N, C]
-            s = per_channel.sum(0).cpu()
+            flat[k] = v.double().flatten(2)                                  # [N, C, H*W]
+            s = flat[k].norm(dim=2).sum(0).cpu()                             # [C]
             self.norm_sum[k] = self.norm_sum.get(k, 0) + s
-            self.rms_sum[k] = self.rms_sum.get(k, 0) + s / math.sqrt(v.shape[2] * v.shape[3])
-        f = addends.get("F")
-        if f is not None:
-            f = f.detach().double().flatten(1)
-            for k, v in addends.items():
-                if k == "F" or v.shape != addends["F"].shape:
+        if "F" in flat:
+            f = flat["F"].flatten(1)
+            for k, v in flat.items():
+                if k == "F" or v.shape != flat["F"].shape:
                     continue  # input-side projections can differ in shape from F
-                c = F.cosine_similarity(f, v.detach().double().flatten(1), dim=1, eps=1e-12)
+                c = F.cosine_similarity(f, v.flatten(1), dim=1, eps=1e-12)
                 self.cos_sum[k] = self.cos_sum.get(k, 0.0) + float(c.sum())
         room = self.keep - (next(iter(self.samples.values())).shape[0] if self.samples else 0)
         if room > 0:
             for k, v in addends.items():
-                part = v[:room].detach().float().cpu()
+                part = v[:room].float().cpu()
                 self.samples[k] = part if k not in self.samples else torch.cat([self.samples[k], part])
         self.n += n
 
@@ -209,7 +202,7 @@ class _BlockAccumulator:
                 "shape": self.shapes[k],
                 "mean_channel_norm": mean[k],
                 "share": mean[k] / total if total > 0 else float("nan"),
-                "mean_channel_rms": float(self.rms_sum[k].mean()) / self.n,
+                "mean_channel_rms": mean[k] / math.sqrt(self.shapes[k][1] * self.shapes[k][2]),
                 "per_channel_norm": per_channel,
             }
         cos = {k: (self.cos_sum[k] / self.n if k in self.cos_sum else None) for k in keys if k != "F"}
@@ -305,15 +298,13 @@ def ablation(model: nn.Module, data, blocks=None, *, batch_size: int = 256,
     bar = tqdm(total=(len(runs) + 2) * n_batches if n_batches else None, desc="ablation",
                unit="batch", disable=not progress, leave=False)
 
-    def run(ctx, label):
+    def run(ctx, label, reference=None):
         bar.set_postfix_str(label)
         with ctx:
-            acc, flipped, preds = evaluate(model, data, batch_size=batch_size, limit=limit,
-                                           reference=reference, on_batch=lambda: bar.update(1))
-        return acc, flipped, preds
+            return evaluate(model, data, batch_size=batch_size, limit=limit, reference=reference,
+                            on_batch=lambda: bar.update(1))
 
     try:
-        reference = None
         base_acc, _, reference = run(contextlib.nullcontext(), "baseline")
         num = sum(p.shape[0] for p in reference)
         out = {"baseline_accuracy": base_acc, "num_images": num, "labelled": base_acc is not None,
@@ -323,9 +314,10 @@ def ablation(model: nn.Module, data, blocks=None, *, batch_size: int = 256,
             return {"accuracy": acc, "drop": None if acc is None else base_acc - acc, "flipped": flipped}
 
         for name, b, key in runs:
-            acc, flipped, _ = run(_ablating(b, {key}), f"{name} {key}")
+            acc, flipped, _ = run(_ablating({b: {key}}), f"{name} {key}", reference)
             out["blocks"][name][key] = entry(acc, flipped)
-        acc, flipped, _ = run(_ablating(None, (), blocks), "all projections")
+        acc, flipped, _ = run(_ablating({b: {_key(k) for k in b.projection_sources} for _, b in blocks}),
+                              "all projections", reference)
         out["all_projections"] = entry(acc, flipped)
     finally:
         bar.close()
