@@ -44,28 +44,35 @@ def _world(process_group):
     return dist.get_world_size(process_group)
 
 
-def _global_stats(y: torch.Tensor, offset: torch.Tensor, process_group):
-    """(count, mean, biased var) per channel over all ranks of ``y + offset`` ([N, C, H, W]
-    activations known up to a per-channel ``offset``, which may differ between ranks).
+def _global_stats(y: torch.Tensor, offset: torch.Tensor, p: torch.Tensor, p_offset: torch.Tensor, process_group):
+    """Statistics over all ranks of activations known on each rank up to a per-channel
+    offset (which may differ between ranks): ``y + offset`` ([N, C_out, H', W']) and the
+    pooled input ``p + p_offset`` ([N, C_in, H', W']).
 
-    The returned mean is that of ``y`` (this rank's frame); the variance is the same in
-    every frame. Counts, means and centred sums of squares are combined in float64.
+    Returns (count, mean of y, biased var of y, mean of p), means in this rank's frame.
+    Counts, means and centred sums of squares are combined in float64 (Chan et al.).
     """
-    c = y.shape[1]
+    c, c_in = y.shape[1], p.shape[1]
     var_l, mean_l = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    pmean_l = p.mean(dim=(0, 2, 3))
     n_l = y.numel() // c
     world = _world(process_group)
     if world == 1:
-        return n_l, mean_l, var_l
-    packed = torch.cat([var_l.new_full((1,), float(n_l)), mean_l + offset, var_l * n_l]).double()
+        return n_l, mean_l, var_l, pmean_l
+    f64 = torch.float64  # add the offsets in float64: they may be much larger than the spread
+    packed = torch.cat([var_l.new_full((1,), float(n_l)).to(f64), mean_l.to(f64) + offset.to(f64),
+                        var_l.to(f64) * n_l, pmean_l.to(f64) + p_offset.to(f64)])
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=process_group)
-    allv = torch.stack(gathered)                       # [world, 1 + 2C]
-    counts, means, m2s = allv[:, :1], allv[:, 1:1 + c], allv[:, 1 + c:]
+    allv = torch.stack(gathered)                       # [world, 1 + 2 C_out + C_in]
+    counts, means, m2s = allv[:, :1], allv[:, 1:1 + c], allv[:, 1 + c:1 + 2 * c]
+    pmeans = allv[:, 1 + 2 * c:]
     n = counts.sum()
     mean = (counts * means).sum(0) / n
     m2 = (m2s + counts * (means - mean) ** 2).sum(0)
-    return int(round(n.item())), (mean - offset.double()).to(y.dtype), (m2 / n).to(y.dtype)
+    pmean = (counts * pmeans).sum(0) / n
+    return (int(round(n.item())), (mean - offset.to(f64)).to(y.dtype), (m2 / n).to(y.dtype),
+            (pmean - p_offset.to(f64)).to(y.dtype))
 
 
 class _SyncProjection(torch.autograd.Function):
@@ -83,8 +90,9 @@ class _SyncProjection(torch.autograd.Function):
         if stride > 1:
             p = F.avg_pool2d(p, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
         y = F.conv2d(p, weight[:, :, None, None])
-        w_shift = weight.detach() @ shift
-        count, mean, var = _global_stats(y, w_shift, process_group)
+        # In float64: the frames of different ranks must line up to better than the spread.
+        w_shift = weight.detach().double() @ shift.double()
+        count, mean, var, pmean = _global_stats(y, w_shift, p, shift, process_group)
         rstd = torch.rsqrt(var + eps)
         scale = rstd if bn_weight is None else rstd * bn_weight
         out = (y - mean[:, None, None]) * scale[:, None, None]
@@ -95,17 +103,17 @@ class _SyncProjection(torch.autograd.Function):
         out = out.to(x.dtype).contiguous(memory_format=fmt)
         # Stride 1 keeps x itself (the shift is subtracted again in backward).
         saved = x if stride == 1 else p.to(x.dtype).contiguous(memory_format=fmt)
-        ctx.save_for_backward(saved, shift, weight, bn_weight, mean, var)
+        ctx.save_for_backward(saved, shift, weight, bn_weight, mean, var, pmean)
         ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], eps, process_group, count,
                     x.dtype, fmt, bn_weight is not None, bn_bias is not None)
-        stats = (mean + w_shift, var, mean.new_full((), float(count)))
+        stats = ((mean.double() + w_shift).to(acc), var, mean.new_full((), float(count)))
         stats = tuple(t.detach().clone() for t in stats)
         ctx.mark_non_differentiable(*stats)
         return (out,) + stats
 
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gc):
-        saved, shift, weight, bn_weight, mean, var = ctx.saved_tensors
+        saved, shift, weight, bn_weight, mean, var, pmean = ctx.saved_tensors
         stride, ceil_mode, in_h, in_w, eps, group, count, x_dtype, fmt, has_w, has_b = ctx.meta
         acc = weight.dtype
         g = grad_out.to(acc).contiguous(memory_format=fmt)
@@ -127,6 +135,11 @@ class _SyncProjection(torch.autograd.Function):
         grad_x, dweight, _, _ = reference.backward(
             dy, saved, shift if stride == 1 else None, weight, None, torch.zeros_like(mean),
             torch.ones_like(var), stride, ceil_mode, in_h, in_w, False, 0.0)
+        # It computed sum dy (p - shift)^T. The exact dW is sum dy p^T = sum dy (p - c)^T for
+        # any c common to all ranks, because dy sums to zero over the whole batch (not over
+        # this rank's part). c = the global mean of p keeps every rank's term small, so
+        # DDP's sum over ranks does not cancel large numbers: subtract (sum dy)(c - shift)^T.
+        dweight = dweight - torch.outer(dy.sum(dim=(0, 2, 3)), pmean)
         needs = ctx.needs_input_grad
         return (grad_x.to(x_dtype).contiguous(memory_format=fmt) if needs[0] else None,
                 dweight if needs[1] else None,

@@ -111,8 +111,11 @@ def load_imagefolder(path, train: bool = True) -> ImageData:
         sizes = Counter()
         Image = _pil()
         for blob in splits[tr][1][:64]:
-            with Image.open(io.BytesIO(blob)) as im:
-                sizes[im.size[::-1]] += 1
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    sizes[im.size[::-1]] += 1
+            except Exception:  # reported with its name by decode_images
+                pass
         size = sizes.most_common(1)[0][0] if sizes else None
         for split, key in ((tr, "train"), (te, "test")):
             names, blobs, labels = splits[split]
