@@ -1,7 +1,8 @@
 """Fused hierarchical projection (avgpool -> 1x1 conv -> BatchNorm -> residual add)."""
 
 from .backends import available_backends
+from .fuse import fuse
 from .module import HierarchicalProjection
 from .projection import fused_projection, projection_reference
 
-__all__ = ["HierarchicalProjection", "available_backends", "fused_projection", "projection_reference"]
+__all__ = ["HierarchicalProjection", "available_backends", "fuse", "fused_projection", "projection_reference"]
