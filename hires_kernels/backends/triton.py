@@ -114,7 +114,7 @@ if triton is not None:
 
     @triton.jit
     def _load_p(src, s_n, s_c, s_h, s_w, shift_ptr, n64, oh, ow, m_mask, ci, ci_mask, H, W,
-                STRIDE: tl.constexpr, SUB_SHIFT: tl.constexpr):
+                STRIDE: tl.constexpr, SUB_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr):
         """[BLOCK_M, BLOCK_CI] float32 tile of p = avgpool_s(src - shift) (masked -> 0)."""
         base = src + n64[:, None] * s_n + ci[None, :] * s_c
         if SUB_SHIFT:
@@ -126,7 +126,7 @@ if triton is not None:
                 v = tl.where(mask, v - sh[None, :], 0.0)
             return v
         else:
-            acc = tl.zeros((oh.shape[0], ci.shape[0]), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
             h0 = oh * STRIDE
             w0 = ow * STRIDE
             for kh in tl.static_range(STRIDE):
@@ -143,26 +143,28 @@ if triton is not None:
             return acc / cnt[:, None]
 
     @triton.jit
-    def _rows(pid_m, M, HWo, Wo, BLOCK_M: tl.constexpr):
+    def _rows(pid_m, M, HWo, Wo, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         n = offs_m // HWo
         r = offs_m - n * HWo
         oh = r // Wo
         ow = r - oh * Wo
-        return offs_m, m_mask, n.to(tl.int64), oh, ow
+        if INT64:  # offsets past 2**31 elements: widen from the batch index on
+            n = n.to(tl.int64)
+        return offs_m, m_mask, n, oh, ow
 
     @triton.jit
     def _recompute_y(src, s_n, s_c, s_h, s_w, shift_ptr, w_ptr, n64, oh, ow, m_mask, co, co_mask, C_in, H, W,
                      STRIDE: tl.constexpr, SUB_SHIFT: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_CI: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
         """y[BLOCK_M, BLOCK_CO] = p @ W[co]^T, p rounded to the dot dtype (as stored in pooled)."""
-        acc = tl.zeros((oh.shape[0], co.shape[0]), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_CO), dtype=tl.float32)
         for c0 in range(0, C_in, BLOCK_CI):
             ci = c0 + tl.arange(0, BLOCK_CI)
             ci_mask = ci < C_in
             p = _load_p(src, s_n, s_c, s_h, s_w, shift_ptr, n64, oh, ow, m_mask, ci, ci_mask, H, W,
-                        STRIDE, SUB_SHIFT)
+                        STRIDE, SUB_SHIFT, BLOCK_M, BLOCK_CI)
             wt = tl.load(w_ptr + co[None, :] * C_in + ci[:, None], mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
             acc += tl.dot(_dq(p, ACT, EMU), _dq(wt, ACT, EMU), input_precision=PRECISION)
         return acc
@@ -178,11 +180,11 @@ if triton is not None:
         M, C_in, C_out, H, W, HWo, Wo,
         STRIDE: tl.constexpr, SUB_SHIFT: tl.constexpr, WRITE_POOLED: tl.constexpr, APPLY: tl.constexpr,
         HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INT64: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_co = tl.program_id(1)
-        offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M)
+        offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M, INT64)
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < C_out
 
@@ -191,7 +193,7 @@ if triton is not None:
             ci = c0 + tl.arange(0, BLOCK_CI)
             ci_mask = ci < C_in
             p = _load_p(src, s_n, s_c, s_h, s_w, shift_ptr, n64, oh, ow, m_mask, ci, ci_mask, H, W,
-                        STRIDE, SUB_SHIFT)
+                        STRIDE, SUB_SHIFT, BLOCK_M, BLOCK_CI)
             pq = _dq(p, ACT, EMU)
             if WRITE_POOLED:
                 if pid_co == 0:
@@ -228,15 +230,15 @@ if triton is not None:
         mean_ptr, rstd_ptr, part_g_ptr, part_gy_ptr,
         M, C_in, C_out, H, W, HWo, Wo,
         SUB_SHIFT: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INT64: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_co = tl.program_id(1)
-        offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M)
+        offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M, INT64)
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < C_out
         y = _recompute_y(src, s_n, s_c, s_h, s_w, shift_ptr, w_ptr, n64, oh, ow, m_mask, co, co_mask, C_in, H, W,
-                         1, SUB_SHIFT, ACT, EMU, PRECISION, BLOCK_CI)
+                         1, SUB_SHIFT, ACT, EMU, PRECISION, BLOCK_M, BLOCK_CO, BLOCK_CI)
         mean = tl.load(mean_ptr + co, mask=co_mask, other=0.0)
         rstd = tl.load(rstd_ptr + co, mask=co_mask, other=0.0)
         mask = m_mask[:, None] & co_mask[None, :]
@@ -256,7 +258,7 @@ if triton is not None:
         M, C_in, C_out, Hs, Ws, H, W, HWo, Wo, GROUP_M,
         STRIDE: tl.constexpr, SUB_SHIFT: tl.constexpr, TRAINING: tl.constexpr, ONE_CO: tl.constexpr,
         ACT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INT64: tl.constexpr,
     ):
         """(Hs, Ws): spatial size of ``src`` (pooled or x); (H, W): size of grad_x."""
         pid_g = tl.program_id(0)
@@ -268,9 +270,9 @@ if triton is not None:
         dw_rows = dw_part_ptr + pid_g * C_out * C_in
         for gi in range(0, GROUP_M):
             pid_m = pid_g * GROUP_M + gi
-            offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M)
+            offs_m, m_mask, n64, oh, ow = _rows(pid_m, M, HWo, Wo, BLOCK_M, INT64)
             p_ci = _load_p(src, s_n, s_c, s_h, s_w, shift_ptr, n64, oh, ow, m_mask, ci, ci_mask, Hs, Ws,
-                           1, SUB_SHIFT)
+                           1, SUB_SHIFT, BLOCK_M, BLOCK_CI)
             p_ci = _dq(p_ci, ACT, EMU)
             dp = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
             for co0 in range(0, C_out, BLOCK_CO):
@@ -282,7 +284,7 @@ if triton is not None:
                 coef = tl.load(coef_ptr + co, mask=co_mask, other=0.0)
                 if TRAINING:
                     y = _recompute_y(src, s_n, s_c, s_h, s_w, shift_ptr, w_ptr, n64, oh, ow, m_mask, co, co_mask,
-                                     C_in, Hs, Ws, 1, SUB_SHIFT, ACT, EMU, PRECISION, BLOCK_CI)
+                                     C_in, Hs, Ws, 1, SUB_SHIFT, ACT, EMU, PRECISION, BLOCK_M, BLOCK_CO, BLOCK_CI)
                     mean = tl.load(mean_ptr + co, mask=co_mask, other=0.0)
                     rstd = tl.load(rstd_ptr + co, mask=co_mask, other=0.0)
                     a = tl.load(a_ptr + co, mask=co_mask, other=0.0)
@@ -379,7 +381,7 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     dot = _dot_config(x.dtype, dev)
     pstr = _strides(pooled) if stride > 1 else (0, 0, 0, 0)
     dummy = weight
-    common = dict(STRIDE=stride, **dot,
+    common = dict(STRIDE=stride, **dot, INT64=max(x.numel(), out.numel()) >= 2**31,
                   BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps)
     has_res = residual is not None
     res = residual if has_res else out
@@ -443,8 +445,8 @@ def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_
     dot = _dot_config(grad_out.dtype, dev)
     mean = mean.to(acc).contiguous()
     rstd = torch.rsqrt(var.to(acc) + eps).contiguous()
-    common = dict(**dot, BLOCK_M=block_m, BLOCK_CO=block_co,
-                  BLOCK_CI=block_ci, num_warps=num_warps)
+    big = max(grad_out.numel(), saved.numel(), n * c_in * in_h * in_w) >= 2**31
+    common = dict(**dot, BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, INT64=big, num_warps=num_warps)
 
     part_g = torch.empty((t, c_out), device=dev, dtype=acc)
     part_gy = torch.empty((t, c_out), device=dev, dtype=acc)
