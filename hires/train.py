@@ -158,10 +158,10 @@ def _set_rng_state(state: dict, device) -> None:
 
 
 def make_scheduler(name: str, optimizer, lr: float, total_steps: int):
-    if name == "onecycle":
+    if name == "onecycle" and total_steps >= 12:   # fewer steps: no room for warm-up, use cosine
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1),
                                                    pct_start=0.25, div_factor=10, final_div_factor=100)
-    if name == "cosine":
+    if name in ("cosine", "onecycle"):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
@@ -265,6 +265,9 @@ def run(args: argparse.Namespace) -> dict:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if world > 1 and args.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA: nn.SyncBatchNorm runs only on GPUs (the projections' "
+                             "hires_kernels.sync.convert_sync_projection alone also works on CPU)")
         from hires_kernels.sync import convert_sync_projection
 
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
