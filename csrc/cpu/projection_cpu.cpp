@@ -8,11 +8,10 @@
 // shift subtracted per element) happens while loading x; the GEMMs run on the tile
 // buffers through at::mm (MKL/oneDNN), single-threaded inside the parallel region.
 //
-// Forward, training: pass 1 pools x into the tile (writes `pooled`), centres it and
-//   accumulates the per-channel statistics of p (mean, covariance; Chan merge per tile
-//   and across threads). mean_y = W mean_p, var_y = diag(W Cov_p W^T) (a Chan-merged
-//   two-pass variance of y, without ever forming y). Pass 2 recomputes y = W p per tile
-//   and writes out = (y - mean) * gamma * rstd + beta (+ residual).
+// Forward, training: pass 1 pools x into the tile (writes `pooled`), computes y = W p for
+//   the tile and its per-channel mean and centred sum of squares (two-pass, in cache),
+//   Chan-merged per tile and across threads; y is then dropped. Pass 2 recomputes y = W p
+//   per tile and writes out = (y - mean) * gamma * rstd + beta (+ residual).
 // Forward, eval: pass 2 only (pooled written on the way), with the given statistics.
 // Backward: each tile loads z = [g; p]. Pass 1 accumulates Z p^T (= [sum g p^T; sum p p^T])
 //   and the row sums of z; that gives dbeta, dgamma = rstd (rowdot(W, A) - mean dbeta)
@@ -53,8 +52,8 @@ struct Tiling {
   int64_t n, ho, wo, rows, units, ntiles, tmax;
   Tiling(int64_t n_, int64_t ho_, int64_t wo_) : n(n_), ho(ho_), wo(wo_) {
     units = n * ho;
-    rows = std::max<int64_t>(1, 128 / wo);
-    const int64_t want = 4 * at::get_num_threads();
+    rows = std::max<int64_t>(1, 256 / wo);  // ~256 positions: GEMMs near peak, buffers in L2
+    const int64_t want = 2 * at::get_num_threads();
     while (rows > 1 && (units + rows - 1) / rows < want) rows /= 2;
     ntiles = (units + rows - 1) / rows;
     tmax = rows * wo;
@@ -268,69 +267,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   at::Tensor mean, var;
   if (training) {
-    // Pass 1: per-thread Chan accumulators of p's mean and co-moment matrix.
+    // Pass 1: y = W p per tile; per-channel tile mean and centred sum of squares (two-pass
+    // in cache), Chan-merged into per-thread accumulators, then across threads.
     const int nthreads = at::get_num_threads();
     std::vector<int64_t> cnt(nthreads, 0);
-    at::Tensor mean_acc = at::zeros({nthreads, C_in}, aopt), m2_acc = at::zeros({nthreads, C_in, C_in}, aopt);
+    at::Tensor mean_acc = at::zeros({nthreads, C_out}, aopt), m2_acc = at::zeros({nthreads, C_out}, aopt);
     at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
       const int tid = at::get_thread_num();
-      at::Tensor pb = new_buf(C_in), cov = at::empty({C_in, C_in}, aopt);
-      std::vector<acc_t> vrow(W), mu(C_in), delta(C_in);
+      at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
+      std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
       acc_t* P = pb.mutable_data_ptr<acc_t>();
+      const acc_t* Y = yb.const_data_ptr<acc_t>();
       acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
       acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
-      const acc_t* cv = cov.const_data_ptr<acc_t>();
       for (int64_t tile = b; tile < e; ++tile) {
         const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
         load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
         if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
-        // Tile mean, then centre the tile in place.
-        std::fill(mu.begin(), mu.end(), acc_t(0));
+        at::Tensor yl = logical<CL>(yb, 0, C_out, T);
+        at::mm_out(yl, weight, logical<CL>(pb, 0, C_in, T));
+        TORCH_CHECK(yl.const_data_ptr() == Y, "hires_C (cpu): internal error, GEMM output moved");
+        const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
         if (!CL) {
-          for (int64_t c = 0; c < C_in; ++c) {
+          for (int64_t c = 0; c < C_out; ++c) {
+            const acc_t* row = Y + c * ldy;
             acc_t sum = 0;
-            for (int64_t t = 0; t < T; ++t) sum += P[c * ldp + t];
-            mu[c] = sum / static_cast<acc_t>(T);
-            for (int64_t t = 0; t < T; ++t) P[c * ldp + t] -= mu[c];
+            for (int64_t t = 0; t < T; ++t) sum += row[t];
+            const acc_t m = sum * inv_t;
+            acc_t sq = 0;
+            for (int64_t t = 0; t < T; ++t) sq += (row[t] - m) * (row[t] - m);
+            mu[c] = m;
+            m2[c] = sq;
           }
         } else {
+          std::fill(mu.begin(), mu.end(), acc_t(0));
+          std::fill(m2.begin(), m2.end(), acc_t(0));
           for (int64_t t = 0; t < T; ++t)
-            for (int64_t c = 0; c < C_in; ++c) mu[c] += P[t * ldp + c];
-          for (int64_t c = 0; c < C_in; ++c) mu[c] /= static_cast<acc_t>(T);
+            for (int64_t c = 0; c < C_out; ++c) mu[c] += Y[t * ldy + c];
+          for (int64_t c = 0; c < C_out; ++c) mu[c] *= inv_t;
           for (int64_t t = 0; t < T; ++t)
-            for (int64_t c = 0; c < C_in; ++c) P[t * ldp + c] -= mu[c];
+            for (int64_t c = 0; c < C_out; ++c) m2[c] += (Y[t * ldy + c] - mu[c]) * (Y[t * ldy + c] - mu[c]);
         }
-        at::Tensor pl = logical<CL>(pb, 0, C_in, T);
-        at::mm_out(cov, pl, pl.t());
-        // Chan merge (n_a, mean_a, M2_a) + (T, mu, cov).
+        // Chan merge (n_a, mean_a, M2_a) + (T, mu, m2).
         const int64_t na = cnt[tid], nn = na + T;
         const acc_t fb = static_cast<acc_t>(T) / static_cast<acc_t>(nn);
         const acc_t fab = static_cast<acc_t>(na) * fb;
-        for (int64_t c = 0; c < C_in; ++c) delta[c] = mu[c] - mean_a[c];
-        for (int64_t i = 0; i < C_in; ++i) {
-          const acc_t di = delta[i] * fab;
-          acc_t* row = m2_a + i * C_in;
-          const acc_t* crow = cv + i * C_in;
-          for (int64_t j = 0; j < C_in; ++j) row[j] += crow[j] + di * delta[j];
+        for (int64_t c = 0; c < C_out; ++c) {
+          const acc_t delta = mu[c] - mean_a[c];
+          m2_a[c] += m2[c] + delta * delta * fab;
+          mean_a[c] += delta * fb;
         }
-        for (int64_t c = 0; c < C_in; ++c) mean_a[c] += delta[c] * fb;
         cnt[tid] = nn;
       }
     });
-    // Merge the threads (Chan), then the statistics of y = W p.
     int64_t na = 0;
-    at::Tensor mean_p = at::zeros({C_in}, aopt), m2_p = at::zeros({C_in, C_in}, aopt);
+    mean = at::zeros({C_out}, aopt);
+    at::Tensor m2_y = at::zeros({C_out}, aopt);
     for (int i = 0; i < nthreads; ++i) {
       if (cnt[i] == 0) continue;
       const int64_t nb = cnt[i], nn = na + nb;
-      at::Tensor delta = mean_acc[i] - mean_p;
-      m2_p.add_(m2_acc[i]).add_(at::outer(delta, delta), static_cast<double>(na) * nb / nn);
-      mean_p.add_(delta, static_cast<double>(nb) / nn);
+      at::Tensor delta = mean_acc[i] - mean;
+      m2_y.add_(m2_acc[i]).add_(delta * delta, static_cast<double>(na) * nb / nn);
+      mean.add_(delta, static_cast<double>(nb) / nn);
       na = nn;
     }
     TORCH_CHECK(na == M, "hires_C (cpu): internal error, statistics cover ", na, " of ", M, " positions");
-    mean = at::mv(weight, mean_p);
-    var = (at::mm(weight, m2_p) * weight).sum(1).div_(static_cast<double>(M)).clamp_min_(0);
+    var = m2_y / static_cast<double>(M);
   } else {
     mean = mean_in.clone();
     var = var_in.clone();
