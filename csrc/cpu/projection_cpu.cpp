@@ -27,6 +27,9 @@
 #include <cmath>
 #include <vector>
 
+// Innermost loops run over contiguous channels or columns.
+#define HIRES_SIMD _Pragma("omp simd")
+
 namespace {
 
 int64_t pooled_size(int64_t size, int64_t s, bool ceil_mode) {
@@ -90,6 +93,7 @@ void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, 
         const scalar_t* plane = src + (n * C + c) * H * W;
         if (s == 1) {
           const scalar_t* row = plane + oh * W;
+          HIRES_SIMD
           for (int64_t j = 0; j < W; ++j) out[j] = static_cast<acc_t>(row[j]) - sh;
           continue;
         }
@@ -97,10 +101,12 @@ void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, 
         const int64_t wlen = std::min(wo * s, W);
         {
           const scalar_t* row = plane + i0 * W;
+          HIRES_SIMD
           for (int64_t j = 0; j < wlen; ++j) vrow[j] = static_cast<acc_t>(row[j]) - sh;
         }
         for (int64_t i = i0 + 1; i < i1; ++i) {
           const scalar_t* row = plane + i * W;
+          HIRES_SIMD
           for (int64_t j = 0; j < wlen; ++j) vrow[j] += static_cast<acc_t>(row[j]) - sh;
         }
         const int64_t ch = i1 - i0;
@@ -124,15 +130,18 @@ void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, 
           for (int64_t j = j0; j < j1; ++j) {
             const scalar_t* px = src + ((n * H + i) * W + j) * C;
             if (first) {
+              HIRES_SIMD
               for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(px[c]) - shift[c];
               first = false;
             } else {
+              HIRES_SIMD
               for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(px[c]) - shift[c];
             }
           }
         }
         if (s > 1) {
           const acc_t cnt = static_cast<acc_t>((i1 - i0) * (j1 - j0));
+          HIRES_SIMD
           for (int64_t c = 0; c < C; ++c) out[c] /= cnt;
         }
       }
@@ -155,8 +164,10 @@ void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64
         scalar_t* out = dst + off;
         if (res) {
           const scalar_t* r = res + off;
+          HIRES_SIMD
           for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b + static_cast<acc_t>(r[j]));
         } else {
+          HIRES_SIMD
           for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b);
         }
       }
@@ -168,12 +179,15 @@ void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64
       const int64_t off = (u0 * wo + t) * C;
       scalar_t* out = dst + off;
       if (!mu) {
+        HIRES_SIMD
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(in[c]);
       } else if (res) {
         const scalar_t* r = res + off;
+        HIRES_SIMD
         for (int64_t c = 0; c < C; ++c)
           out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c] + static_cast<acc_t>(r[c]));
       } else {
+        HIRES_SIMD
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c]);
       }
     }
@@ -201,12 +215,14 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
             continue;
           }
           if (s == 1) {
+            HIRES_SIMD
             for (int64_t j = 0; j < W; ++j) row[j] = static_cast<scalar_t>(in[j]);
             continue;
           }
           for (int64_t ow = 0; ow < wo; ++ow) {
             const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
             const scalar_t v = static_cast<scalar_t>(in[ow] * inv_h / static_cast<acc_t>(j1 - j0));
+            HIRES_SIMD
             for (int64_t j = j0; j < j1; ++j) row[j] = v;
           }
           std::fill(row + wcov, row + W, scalar_t(0));
@@ -226,8 +242,10 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
           for (int64_t j = j0; j < j1; ++j) {
             scalar_t* px = row + j * C;
             if (s == 1) {
+              HIRES_SIMD
               for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c]);
             } else {
+              HIRES_SIMD
               for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c] * k);
             }
           }
