@@ -20,7 +20,6 @@ augmentation (which are seeded per epoch and step, see :mod:`hires.data.loader`)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os

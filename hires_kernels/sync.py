@@ -52,7 +52,7 @@ def _global_stats(y: torch.Tensor, offset: torch.Tensor, p: torch.Tensor, p_offs
     Returns (count, mean of y, biased var of y, mean of p), means in this rank's frame.
     Counts, means and centred sums of squares are combined in float64 (Chan et al.).
     """
-    c, c_in = y.shape[1], p.shape[1]
+    c = y.shape[1]
     var_l, mean_l = torch.var_mean(y, dim=(0, 2, 3), correction=0)
     pmean_l = p.mean(dim=(0, 2, 3))
     n_l = y.numel() // c
