@@ -32,20 +32,40 @@ Backward (2 kernels + torch sums of partials):
      dp += dy @ W[co, ci-block], dW_part += dy^T @ p[:, ci-block]; then writes dp/count
      to every pixel of the row's window (each pooled position owns its window: no
      atomics; floor mode's uncovered trailing rows/cols are zeroed by torch, only them).
-     Reads e*(C_in*n_ci_blocks + C_out*n_ci_blocks) per row (re-reads are L2 hits when
-     C_in <= BLOCK_CI*few), writes e*C_in*s^2 per row; dW partials are
+     Reads e*(C_in + C_out)*n_ci_blocks per row (re-reads of the same row tile by the
+     ci-block programs, L2 hits if they run together), writes e*C_in*s^2 per row; dW partials are
      [cdiv(T, GROUP_M), C_out, C_in] fp32, summed by torch (deterministic). GROUP_M row
      tiles per program keep that buffer small (its bytes are budgeted against the
      activations' bytes).
-Per step, with stride 2, bf16: forward-train traffic ~ x + 2*pooled + residual + out
-(x + 0.5x + ...), backward ~ 2*(pooled + grad_out) + grad_x.
+Per training step: forward reads x (+ L2 re-reads), writes pooled (x/s^2), reads pooled
+and residual, writes out; backward reads pooled and grad_out twice, writes grad_x.
+Against the SPEC floor (x + residual + out; grad_out + x + grad_x): forward moves
+2*pooled more (x/2 at s=2); backward reads 2*(pooled + grad_out) instead of x + grad_out
+(equal at s=2, C_out = 2*C_in), plus the L2 re-reads noted below.
 
-GPU notes (not measured here; written and verified under the interpreter only):
-block sizes come from the small heuristics in ``_blocks`` (no autotune). Candidates for
-tuning: BLOCK_M 64/128, num_warps 4/8, num_stages; forward kernel 1 re-pools x for each
-co-block (keep BLOCK_CO >= C_out where registers allow); the NCHW pooling loads are
-stride-s gathers along W (each pair of kw loads shares cache lines); the backward
-kernel B recomputes y once per ci-block.
+Interpreter (TRITON_INTERPRET=1, triton 3.7.1) workarounds, selected by the EMU
+constexpr (CPU tensors) and compiled out on the GPU: its bf16 tl.dot returns garbage and
+its float32 -> bfloat16 cast truncates, so under EMU values are rounded to the
+activation dtype on the bits (round-to-nearest-even) and the dots run in IEEE float32
+on those rounded values (bf16 x bf16 products are exact in float32: same sums).
+
+GPU status (no GPU in this session: nothing here is timed; correctness is verified in
+the interpreter only). All kernels compile for sm_90 with triton 3.7 (ptxas via
+triton.compile(ASTSource, target=GPUTarget("cuda", 90, 32))); bf16 dots lower to
+tensor-core MMA, float32 "ieee" dots to FFMA. ptxas reports (bf16, stride 2, strides
+not specialised): 32x64x32 tiles / 4 warps: fwd 240 regs, no spill, bwd B <= 40 B spill;
+64x64x{32,64} tiles: fwd spills ~0.5 KB, bwd B 0.2-0.5 KB; 64x128x64 / 8 warps: 0.7-0.8 KB.
+Pressure comes from the s*s unrolled window loads (a 64-bit address and a predicate per
+element each). Tuning leads for issue 4, largest expected gain first:
+  - forward kernel 1 re-pools x once per co-block (C_out / 64 times; L2 hits at best):
+    hold the pooled tile in shared memory / loop co-blocks inside the program;
+  - bigger BLOCK_M with fewer spills: load windows as [BLOCK_M, s, BLOCK_CI] or with
+    block pointers / TMA (channels_last: s*BLOCK_CI contiguous per window row);
+  - num_warps 4/8, num_stages, BLOCK_CI 32/64 per shape; fp32: allow tf32 to use MMA;
+  - backward B recomputes y once per ci-block (C_in / BLOCK_CI times; once for
+    C_in <= BLOCK_CI); else consider dy in shared memory or a split into dx and dW kernels;
+  - the [T, C_out] partials and torch combines are a few small launches each: a
+    combine kernel or CUDA graphs if launch gaps show in the profile.
 """
 
 from __future__ import annotations
@@ -334,10 +354,13 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _blocks(m: int, c_in: int, c_out: int):
-    block_m = _OVERRIDES.get("BLOCK_M") or (32 if m <= 8192 else 64)
-    block_ci = _OVERRIDES.get("BLOCK_CI") or _pow2(c_in, 16, 64)
-    block_co = _OVERRIDES.get("BLOCK_CO") or _pow2(c_out, 16, 128 if block_m <= 64 else 64)
-    num_warps = 8 if block_m * block_co >= 8192 else 4
+    """(BLOCK_M, BLOCK_CO, BLOCK_CI, num_warps). Chosen from ptxas resource reports for
+    sm_90 (no GPU timing yet): 32 x 64 x 32 tiles with 4 warps compile without (fwd) or
+    with little (bwd B) register spilling at stride 2; 64-row tiles spill 0.5 KB+ there."""
+    block_m = _OVERRIDES.get("BLOCK_M") or 32
+    block_ci = _OVERRIDES.get("BLOCK_CI") or _pow2(c_in, 16, 32)
+    block_co = _OVERRIDES.get("BLOCK_CO") or _pow2(c_out, 16, 64)
+    num_warps = _OVERRIDES.get("num_warps") or 4
     return block_m, block_co, block_ci, num_warps
 
 
