@@ -117,12 +117,9 @@ class _SyncProjection(torch.autograd.Function):
         stride, ceil_mode, in_h, in_w, eps, group, count, x_dtype, fmt, has_w, has_b = ctx.meta
         acc = weight.dtype
         g = grad_out.to(acc).contiguous(memory_format=fmt)
-        p = saved.to(acc)
-        if stride == 1:
-            p = p - shift[None, :, None, None]
-        rstd = torch.rsqrt(var + eps)
-        yhat = (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None]
-        local = torch.cat([g.sum(dim=(0, 2, 3)), (g * yhat).sum(dim=(0, 2, 3))])
+        p = reference.saved_input(saved, shift if stride == 1 else None, acc)
+        yhat, rstd = reference.normalized(p, weight, mean, var, eps)
+        local = torch.cat(reference.grad_sums(g, yhat))
         sums = local.clone()
         if _world(group) > 1:
             dist.all_reduce(sums, group=group)
@@ -130,11 +127,7 @@ class _SyncProjection(torch.autograd.Function):
         dbeta, dgamma = sums[:c], sums[c:]
         scale = rstd if bn_weight is None else rstd * bn_weight
         dy = scale[:, None, None] * (g - (dbeta / count)[:, None, None] - yhat * (dgamma / count)[:, None, None])
-        # The 1x1-conv and pooling backward of the reference backend: in eval mode with
-        # identity statistics (mean 0, var 1, eps 0) and no affine, its dy is our dy.
-        grad_x, dweight, _, _ = reference.backward(
-            dy, saved, shift if stride == 1 else None, weight, None, torch.zeros_like(mean),
-            torch.ones_like(var), stride, ceil_mode, in_h, in_w, False, 0.0)
+        grad_x, dweight = reference.conv_pool_backward(dy, p, weight, stride, ceil_mode, in_h, in_w)
         # It computed sum dy (p - shift)^T. The exact dW is sum dy p^T = sum dy (p - c)^T for
         # any c common to all ranks, because dy sums to zero over the whole batch (not over
         # this rank's part). c = the global mean of p keeps every rank's term small, so

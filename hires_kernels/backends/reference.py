@@ -78,27 +78,45 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     return out, pooled, mean, var
 
 
+def saved_input(saved, shift, acc):
+    """The shifted pooled input p that backward works on (see the contract)."""
+    return saved.to(acc) if shift is None else _shifted(saved, shift, acc)
+
+
+def normalized(p, weight, mean, var, eps):
+    """(yhat, rstd): the normalised conv output recomputed from p, and 1/sqrt(var + eps)."""
+    rstd = torch.rsqrt(var + eps)
+    return (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None], rstd
+
+
+def grad_sums(g, yhat):
+    """(dbeta, dgamma) = (sum_m g, sum_m g * yhat) per channel."""
+    return g.sum(dim=(0, 2, 3)), (g * yhat).sum(dim=(0, 2, 3))
+
+
+def conv_pool_backward(dy, p, weight, stride, ceil_mode, in_h, in_w):
+    """(dx, dW) from dy = dL/dy: the backward of the 1x1 conv and of the pooling."""
+    dweight = torch.einsum("nchw,nkhw->ck", dy, p)
+    dp = F.conv2d(dy, weight.t()[:, :, None, None])
+    if stride > 1:
+        ch, cw = window_counts(in_h, in_w, stride, ceil_mode, device=dp.device, dtype=dp.dtype)
+        dp = dp / (ch[:, None] * cw[None, :])
+        dp = dp.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)[:, :, :in_h, :in_w]
+        dp = F.pad(dp, (0, in_w - dp.shape[3], 0, in_h - dp.shape[2]))
+    return dp, dweight
+
+
 def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     acc = weight.dtype
-    fmt = memory_format_of(grad_out)
-    p = saved.to(acc) if shift is None else _shifted(saved, shift, acc)
+    p = saved_input(saved, shift, acc)
     g = grad_out.to(acc)
     m = g.numel() // g.shape[1]
-    rstd = torch.rsqrt(var + eps)
-    yhat = (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None]
-    dbeta = g.sum(dim=(0, 2, 3))
-    dgamma = (g * yhat).sum(dim=(0, 2, 3))
+    yhat, rstd = normalized(p, weight, mean, var, eps)
+    dbeta, dgamma = grad_sums(g, yhat)
     scale = rstd if bn_weight is None else rstd * bn_weight
     if training:
         dy = scale[:, None, None] * (g - (dbeta / m)[:, None, None] - yhat * (dgamma / m)[:, None, None])
     else:
         dy = scale[:, None, None] * g
-    dweight = torch.einsum("nchw,nkhw->ck", dy, p)
-    dp = F.conv2d(dy, weight.t()[:, :, None, None])
-    if stride > 1:
-        ch, cw = window_counts(in_h, in_w, stride, ceil_mode, device=dp.device, dtype=acc)
-        dp = dp / (ch[:, None] * cw[None, :])
-        dp = dp.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)[:, :, :in_h, :in_w]
-        dp = F.pad(dp, (0, in_w - dp.shape[3], 0, in_h - dp.shape[2]))
-    grad_x = dp.to(grad_out.dtype).contiguous(memory_format=fmt)
-    return grad_x, dweight, dgamma, dbeta
+    dx, dweight = conv_pool_backward(dy, p, weight, stride, ceil_mode, in_h, in_w)
+    return dx.to(grad_out.dtype).contiguous(memory_format=memory_format_of(grad_out)), dweight, dgamma, dbeta
