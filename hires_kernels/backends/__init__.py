@@ -10,6 +10,7 @@ parameters in the accumulation dtype (float32, or float64 for float64 activation
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -71,6 +72,11 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
 
 @torch.compiler.assume_constant_result
 def _resolve(requested: str | None, env: str | None, device_type: str) -> str:
+    return _resolve_cached(requested, env, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_cached(requested: str | None, env: str | None, device_type: str) -> str:
     device = torch.device(device_type)
     name = requested or env or "auto"
     if name == "auto":
