@@ -296,7 +296,7 @@ def ablation(model: nn.Module, data, blocks=None, *, batch_size: int = 256,
     runs = [(name, b, _key(k)) for name, b in blocks for k in b.projection_sources]
     n_batches = _num_batches(data, batch_size, limit)
     bar = tqdm(total=(len(runs) + 2) * n_batches if n_batches else None, desc="ablation",
-               unit="batch", disable=not progress, leave=False)
+               unit="batch", disable=None if progress else True, leave=False)  # None: off without a TTY
 
     def run(ctx, label, reference=None):
         bar.set_postfix_str(label)
