@@ -22,6 +22,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -69,6 +70,29 @@ struct Tiling {
 // (channel-major, NCHW) or t * ld + c (position-major, NHWC).
 template <bool CL>
 inline int64_t at_(int64_t c, int64_t t, int64_t ld) { return CL ? t * ld + c : c * ld + t; }
+
+// A logical row-major matrix: element (i, j) at p[j * ld + i] when t, else p[i * ld + j].
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t ld;
+  bool t;
+  Mat tr() const { return {p, ld, !t}; }
+};
+
+// Logical C[m, n] = A[m, k] B[k, n] + beta C through the BLAS directly (no dispatcher).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int64_t ldc, bool ct) {
+  if (ct) {  // C^T = B^T A^T
+    gemm<T>(n, m, k, B.tr(), A.tr(), beta, C, ldc, false);
+    return;
+  }
+  using at::native::TransposeType;
+  // Column-major view: C^T[n, m] = B^T[n, k] A^T[k, m].
+  at::native::cpublas::gemm(B.t ? TransposeType::Transpose : TransposeType::NoTranspose,
+                            A.t ? TransposeType::Transpose : TransposeType::NoTranspose, n, m, k, T(1), B.p, B.ld,
+                            A.p, A.ld, beta, C, ldc);
+}
 
 // The logical [rows, T] view of a buffer tensor (allocated [C, tmax] or [tmax, C]).
 template <bool CL>
@@ -283,6 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const int64_t ldp = CL ? C_in : tl.tmax, ldy = CL ? C_out : tl.tmax;
   auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
 
+  scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+  // fp32/64 training: pass 1 keeps y in `out` (exact, no rounding) and pass 2 only normalises.
+  const bool y_in_out = training && std::is_same<scalar_t, acc_t>::value;
   at::Tensor mean, var;
   if (training) {
     // Pass 1: y = W p per tile; per-channel tile mean and centred sum of squares (two-pass
@@ -295,36 +322,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
       std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
       acc_t* P = pb.mutable_data_ptr<acc_t>();
-      const acc_t* Y = yb.const_data_ptr<acc_t>();
+      acc_t* Yb = yb.mutable_data_ptr<acc_t>();
       acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
       acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
+      const Mat<acc_t> Wm{weight.const_data_ptr<acc_t>(), C_in, false};
       for (int64_t tile = b; tile < e; ++tile) {
         const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
         load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
         if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
-        at::Tensor yl = logical<CL>(yb, 0, C_out, T);
-        at::mm_out(yl, weight, logical<CL>(pb, 0, C_in, T));
-        TORCH_CHECK(yl.const_data_ptr() == Y, "hires_C (cpu): internal error, GEMM output moved");
+        // y = W p: straight into `out` when it is position-major fp32/64, else the tile buffer.
+        acc_t* Y = (CL && y_in_out) ? reinterpret_cast<acc_t*>(outp) + u0 * Wo * C_out : Yb;
+        gemm<acc_t>(C_out, T, C_in, Wm, Mat<acc_t>{P, ldp, CL}, acc_t(0), Y, ldy, CL);
+        if (y_in_out && !CL)
+          store_tile<CL, scalar_t, acc_t>(outp, nullptr, C_out, Ho, Wo, u0, u1, Y, ldy, nullptr, nullptr, nullptr);
         const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
+        acc_t* __restrict__ mup_ = mu.data();
+        acc_t* __restrict__ m2p_ = m2.data();
         if (!CL) {
           for (int64_t c = 0; c < C_out; ++c) {
             const acc_t* row = Y + c * ldy;
             acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
             for (int64_t t = 0; t < T; ++t) sum += row[t];
             const acc_t m = sum * inv_t;
             acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
             for (int64_t t = 0; t < T; ++t) sq += (row[t] - m) * (row[t] - m);
-            mu[c] = m;
-            m2[c] = sq;
+            mup_[c] = m;
+            m2p_[c] = sq;
           }
         } else {
           std::fill(mu.begin(), mu.end(), acc_t(0));
           std::fill(m2.begin(), m2.end(), acc_t(0));
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t c = 0; c < C_out; ++c) mu[c] += Y[t * ldy + c];
-          for (int64_t c = 0; c < C_out; ++c) mu[c] *= inv_t;
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t c = 0; c < C_out; ++c) m2[c] += (Y[t * ldy + c] - mu[c]) * (Y[t * ldy + c] - mu[c]);
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t* __restrict__ yr = Y + t * ldy;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C_out; ++c) mup_[c] += yr[c];
+          }
+          HIRES_SIMD
+          for (int64_t c = 0; c < C_out; ++c) mup_[c] *= inv_t;
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t* __restrict__ yr = Y + t * ldy;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C_out; ++c) m2p_[c] += (yr[c] - mup_[c]) * (yr[c] - mup_[c]);
+          }
         }
         // Chan merge (n_a, mean_a, M2_a) + (T, mu, m2).
         const int64_t na = cnt[tid], nn = na + T;
@@ -362,7 +403,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const acc_t* scp = scale.const_data_ptr<acc_t>();
   const acc_t* btp = beta.const_data_ptr<acc_t>();
   const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+  if (y_in_out) {
+    // Pass 2, streaming: out = (y - mean) * scale + beta (+ residual), in place.
+    const int64_t HW = Ho * Wo;
+    if (!CL) {
+      at::parallel_for(0, N * C_out, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t c = i % C_out;
+          const acc_t m = mup[c], k = scp[c], bb = btp[c];
+          acc_t* __restrict__ o = reinterpret_cast<acc_t*>(outp) + i * HW;
+          if (resp) {
+            const acc_t* __restrict__ r = reinterpret_cast<const acc_t*>(resp) + i * HW;
+            HIRES_SIMD
+            for (int64_t j = 0; j < HW; ++j) o[j] = (o[j] - m) * k + bb + r[j];
+          } else {
+            HIRES_SIMD
+            for (int64_t j = 0; j < HW; ++j) o[j] = (o[j] - m) * k + bb;
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          acc_t* __restrict__ o = reinterpret_cast<acc_t*>(outp) + i * C_out;
+          if (resp) {
+            const acc_t* __restrict__ r = reinterpret_cast<const acc_t*>(resp) + i * C_out;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C_out; ++c) o[c] = (o[c] - mup[c]) * scp[c] + btp[c] + r[c];
+          } else {
+            HIRES_SIMD
+            for (int64_t c = 0; c < C_out; ++c) o[c] = (o[c] - mup[c]) * scp[c] + btp[c];
+          }
+        }
+      });
+    }
+    return {out, pooled, mean, var};
+  }
   // Float32/64 training re-reads the exact pooled tensor; otherwise pool x again (eval:
   // first time; low precision: p before rounding, as the statistics saw it).
   const bool from_pooled = training && s > 1 && std::is_same<scalar_t, acc_t>::value;
@@ -382,9 +458,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         if (!training && poolp)
           store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
       }
-      at::Tensor yl = logical<CL>(yb, 0, C_out, T);
-      at::mm_out(yl, weight, logical<CL>(pb, 0, C_in, T));
-      TORCH_CHECK(yl.const_data_ptr() == Y, "hires_C (cpu): internal error, GEMM output moved");
+      gemm<acc_t>(C_out, T, C_in, Mat<acc_t>{weight.const_data_ptr<acc_t>(), C_in, false}, Mat<acc_t>{P, ldp, CL},
+                  acc_t(0), const_cast<acc_t*>(Y), ldy, CL);
       store_tile<CL, scalar_t, acc_t>(outp, resp, C_out, Ho, Wo, u0, u1, Y, ldy, mup, scp, btp);
     }
   });
