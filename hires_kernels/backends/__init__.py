@@ -24,10 +24,10 @@ ENV_VAR = "HIRES_BACKEND"
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-def _import(name: str) -> ModuleType | ImportError:
+def _import(name: str) -> ModuleType | Exception:
     try:
         return importlib.import_module(f"{__name__}.{'extension' if name in ('cpu', 'cuda') else name}")
-    except ImportError as e:  # a backend whose dependencies (triton) are missing
+    except Exception as e:  # noqa: BLE001  (a missing or broken triton must not break the package)
         return e
 
 
@@ -37,7 +37,7 @@ _MODULES = {name: _import(name) for name in BACKENDS}
 
 def _module(name: str) -> ModuleType:
     module = _MODULES[name]
-    if isinstance(module, ImportError):
+    if isinstance(module, Exception):
         raise module
     return module
 
@@ -47,7 +47,7 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
     module = _MODULES[name]
-    if isinstance(module, ImportError):
+    if isinstance(module, Exception):
         return f"backend {name!r} cannot be imported: {module}"
     return module.unavailable_reason(name, torch.device(device))
 
