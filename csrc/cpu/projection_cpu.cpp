@@ -22,7 +22,8 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <algorithm>
 #include <cmath>
@@ -80,18 +81,20 @@ struct Mat {
   Mat tr() const { return {p, ld, !t}; }
 };
 
-// Logical C[m, n] = A[m, k] B[k, n] + beta C through the BLAS directly (no dispatcher).
+// Logical C[m, n] = A[m, k] B[k, n] + beta C (beta 0 or 1) through the CPU kernel directly
+// (at::cpu::*_out: no dispatcher round trip; raw-pointer views, no allocation).
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int64_t ldc, bool ct) {
-  if (ct) {  // C^T = B^T A^T
-    gemm<T>(n, m, k, B.tr(), A.tr(), beta, C, ldc, false);
-    return;
-  }
-  using at::native::TransposeType;
-  // Column-major view: C^T[n, m] = B^T[n, k] A^T[k, m].
-  at::native::cpublas::gemm(B.t ? TransposeType::Transpose : TransposeType::NoTranspose,
-                            A.t ? TransposeType::Transpose : TransposeType::NoTranspose, n, m, k, T(1), B.p, B.ld,
-                            A.p, A.ld, beta, C, ldc);
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t r, int64_t c, int64_t ld, bool t) {
+    return at::from_blob(const_cast<T*>(p), {r, c}, t ? at::IntArrayRef{1, ld} : at::IntArrayRef{ld, 1}, opt);
+  };
+  at::Tensor a = view(A.p, m, k, A.ld, A.t), b = view(B.p, k, n, B.ld, B.t), c = view(C, m, n, ldc, ct);
+  if (beta == T(0))
+    at::cpu::mm_out(c, a, b);
+  else
+    at::cpu::addmm_out(c, c, a, b);
+  TORCH_CHECK(c.const_data_ptr() == C, "hires_C (cpu): internal error, GEMM output moved");
 }
 
 // The logical [rows, T] view of a buffer tensor (allocated [C, tmax] or [tmax, C]).
