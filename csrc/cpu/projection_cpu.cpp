@@ -235,6 +235,21 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
       for (int64_t c = 0; c < C; ++c) {
         const acc_t* in = buf + c * ld + (u - u0) * wo;
         scalar_t* plane = dx + (n * C + c) * H * W;
+        if (s == 2 && wcov == 2 * wo && i1 - i0 == 2) {
+          // Common case: full 2x2 windows. Build the row once, copy it to both rows.
+          scalar_t* r0 = plane + i0 * W;
+          const acc_t k4 = acc_t(0.25);
+          HIRES_SIMD
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            const scalar_t v = static_cast<scalar_t>(in[ow] * k4);
+            r0[2 * ow] = v;
+            r0[2 * ow + 1] = v;
+          }
+          std::fill(r0 + wcov, r0 + W, scalar_t(0));
+          std::copy(r0, r0 + W, r0 + W);
+          for (int64_t i = i1; i < iend; ++i) std::fill(plane + i * W, plane + (i + 1) * W, scalar_t(0));
+          continue;
+        }
         for (int64_t i = i0; i < iend; ++i) {
           scalar_t* row = plane + i * W;
           if (i >= i1) {
@@ -551,7 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor gram = at::zeros({nthreads, Kz, C_in}, aopt), zsum = at::zeros({nthreads, Cz}, aopt);
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
-    at::Tensor zb = new_buf(Cz), acc = gram[tid];
+    at::Tensor zb = new_buf(Cz);
+    acc_t* A_acc = gram[tid].mutable_data_ptr<acc_t>();
     std::vector<acc_t> vrow(std::max(Wo, W));
     acc_t* Z = zb.mutable_data_ptr<acc_t>();
     acc_t* zs = zsum[tid].mutable_data_ptr<acc_t>();
@@ -560,15 +576,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       load_z(u0, u1, Z, vrow.data());
       if (!CL) {
         for (int64_t c = 0; c < Cz; ++c) {
+          const acc_t* __restrict__ row = Z + c * ldz;
           acc_t sum = 0;
-          for (int64_t t = 0; t < T; ++t) sum += Z[c * ldz + t];
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < T; ++t) sum += row[t];
           zs[c] += sum;
         }
       } else {
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t c = 0; c < Cz; ++c) zs[c] += Z[t * ldz + c];
+        acc_t* __restrict__ zsr = zs;
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t* __restrict__ zr = Z + t * ldz;
+          HIRES_SIMD
+          for (int64_t c = 0; c < Cz; ++c) zsr[c] += zr[c];
+        }
       }
-      acc.addmm_(logical<CL>(zb, 0, Kz, T), logical<CL>(zb, C_out, C_in, T).t());
+      // acc[Kz, C_in] += Z[:Kz] P^T, P = Z[C_out:]
+      gemm<acc_t>(Kz, C_in, T, Mat<acc_t>{Z, ldz, CL}, Mat<acc_t>{CL ? Z + C_out : Z + C_out * ldz, ldz, !CL}, acc_t(1),
+                  A_acc, C_in, false);
     }
   });
   at::Tensor G = gram.sum(0), S = zsum.sum(0);
@@ -604,18 +628,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
       load_z(u0, u1, Z, vrow.data());
-      at::Tensor dl = logical<CL>(db, 0, C_in, T);
-      at::mm_out(dl, Bm, logical<CL>(zb, 0, Kz, T));
-      TORCH_CHECK(dl.const_data_ptr() == D, "hires_C (cpu): internal error, GEMM output moved");
+      // D = Bm z (+ d): d pre-filled, then beta = 1.
       if (training) {
         if (!CL) {
-          for (int64_t c = 0; c < C_in; ++c)
-            for (int64_t t = 0; t < T; ++t) D[c * ldd + t] += dptr[c];
+          for (int64_t c = 0; c < C_in; ++c) std::fill(D + c * ldd, D + c * ldd + T, dptr[c]);
         } else {
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t c = 0; c < C_in; ++c) D[t * ldd + c] += dptr[c];
+          for (int64_t t = 0; t < T; ++t) std::copy(dptr, dptr + C_in, D + t * ldd);
         }
       }
+      gemm<acc_t>(C_in, T, Kz, Mat<acc_t>{Bm.const_data_ptr<acc_t>(), Kz, false}, Mat<acc_t>{Z, ldz, CL},
+                  training ? acc_t(1) : acc_t(0), D, ldd, CL);
       scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldd);
     }
   });
