@@ -137,6 +137,11 @@ void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, 
           for (int64_t j = 0; j < wlen; ++j) vrow[j] += static_cast<acc_t>(row[j]) - sh;
         }
         const int64_t ch = i1 - i0;
+        if (s == 2 && ch == 2 && 2 * wo <= W) {  // full 2x2 windows: sum / 4 == sum * 0.25 exactly
+          HIRES_SIMD
+          for (int64_t ow = 0; ow < wo; ++ow) out[ow] = (vrow[2 * ow] + vrow[2 * ow + 1]) * acc_t(0.25);
+          continue;
+        }
         for (int64_t ow = 0; ow < wo; ++ow) {
           const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
           acc_t sum = 0;
