@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from .shapes import memory_format_of, pooled_size
+from .shapes import data_shift, memory_format_of, pooled_size
 
 __all__ = ["fused_projection", "projection_reference"]
 
@@ -205,9 +205,7 @@ def fused_projection(
     w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc).contiguous()
     # A per-channel shift taken from the data keeps the kernels' sums accurate for
     # activations with a large mean; the statistics are corrected by W @ shift.
-    # The first pooled value of each channel is near the data at every stride.
-    first = x.detach()[0, :, :stride, :stride].to(acc).mean(dim=(1, 2))
-    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+    shift = data_shift(x, stride, acc)
     w_shift = w.detach() @ shift
     mean_in = var_in = None
     if not training:

@@ -45,3 +45,14 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
         return torch.channels_last
     s = t.stride()
     return torch.channels_last if s[1] < s[3] <= s[2] <= s[0] else torch.contiguous_format
+
+
+def data_shift(x: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-channel constant near the data: the mean of the first pooling window.
+
+    Subtracting it before summing keeps the kernels' sums accurate for activations
+    with a large mean; the first pooled value is near the data at every stride.
+    Non-finite values give 0, so a NaN or Inf stays where it is instead of spreading.
+    """
+    first = x.detach()[0, :, :stride, :stride].to(dtype).mean(dim=(1, 2))
+    return torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .backends import reference
 from .projection import _validate
-from .shapes import memory_format_of
+from .shapes import data_shift, memory_format_of
 
 __all__ = ["sync_projection", "convert_sync_projection"]
 
@@ -84,8 +84,7 @@ class _SyncProjection(torch.autograd.Function):
         fmt = memory_format_of(x)
         # As fused_projection does: subtract a per-channel shift near the data (the
         # mean of the first pooling window) so that sums stay accurate for large means.
-        first = x.detach()[0, :, :stride, :stride].to(acc).mean(dim=(1, 2))
-        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+        shift = data_shift(x, stride, acc)
         p = x.to(acc) - shift[None, :, None, None]
         if stride > 1:
             p = F.avg_pool2d(p, stride, stride, ceil_mode=ceil_mode, count_include_pad=False)
@@ -93,13 +92,7 @@ class _SyncProjection(torch.autograd.Function):
         # In float64: the frames of different ranks must line up to better than the spread.
         w_shift = weight.detach().double() @ shift.double()
         count, mean, var, pmean = _global_stats(y, w_shift, p, shift, process_group)
-        rstd = torch.rsqrt(var + eps)
-        scale = rstd if bn_weight is None else rstd * bn_weight
-        out = (y - mean[:, None, None]) * scale[:, None, None]
-        if bn_bias is not None:
-            out = out + bn_bias[:, None, None]
-        if residual is not None:
-            out = out + residual
+        out = reference.normalize(y, mean, var, eps, bn_weight, bn_bias, residual)
         out = out.to(x.dtype).contiguous(memory_format=fmt)
         # Stride 1 keeps x itself (the shift is subtracted again in backward).
         saved = x if stride == 1 else p.to(x.dtype).contiguous(memory_format=fmt)

@@ -63,6 +63,14 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
     else:
         mean, var = mean_in.clone(), var_in.clone()
+    out = normalize(y, mean, var, eps, bn_weight, bn_bias, residual)
+    out = out.to(x.dtype).contiguous(memory_format=fmt)
+    pooled = p.to(x.dtype).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
+    return out, pooled, mean, var
+
+
+def normalize(y, mean, var, eps, bn_weight, bn_bias, residual):
+    """gamma * (y - mean) / sqrt(var + eps) + beta (+ residual), in y's dtype."""
     scale = torch.rsqrt(var + eps)
     if bn_weight is not None:
         scale = scale * bn_weight
@@ -71,11 +79,7 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     out = (y - mean[:, None, None]) * scale[:, None, None]
     if bn_bias is not None:
         out = out + bn_bias[:, None, None]
-    if residual is not None:
-        out = out + residual
-    out = out.to(x.dtype).contiguous(memory_format=fmt)
-    pooled = p.to(x.dtype).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
-    return out, pooled, mean, var
+    return out if residual is None else out + residual
 
 
 def saved_input(saved, shift, acc):
