@@ -21,6 +21,17 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and (name.endswith(_TAR) or name.endswith(".zip"))
 
 
+def data_source(path, missing: str) -> Path:
+    """``path`` as a Path when it is a folder or a supported archive; otherwise a
+    DatasetNotFoundError (``missing``: what to tell the user when it does not exist)."""
+    path = Path(path).expanduser() if path is not None else None
+    if path is None or not path.exists():
+        raise DatasetNotFoundError(missing.format(path=path))
+    if not (path.is_dir() or is_archive(path)):
+        raise DatasetNotFoundError(f"{path} is neither a folder nor a .tar.gz/.zip archive")
+    return path
+
+
 def list_files(path: Path) -> list[str]:
     """Relative POSIX paths of every regular file under ``path`` (folder or archive)."""
     path = Path(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import is_archive, iter_files, list_files
+from .archive import data_source, iter_files, list_files
 from .base import ImageData
 from .cache import DatasetNotFoundError, cached_arrays, source_key
 
@@ -79,12 +79,8 @@ def _find_tree(files: list[str], where: Path):
 
 def load_imagefolder(path, train: bool = True) -> ImageData:
     """Load the train or test split of an ImageFolder tree (folder or .tar.gz / .zip)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DatasetNotFoundError(f"ImageFolder data not found: {path} does not exist "
-                                   "(pass --data PATH or set HIRES_DATA)")
-    if not (path.is_dir() or is_archive(path)):
-        raise DatasetNotFoundError(f"{path} is neither a folder nor a .tar.gz/.zip archive")
+    path = data_source(path, "ImageFolder data not found: {path} does not exist "
+                             "(pass --data PATH or set HIRES_DATA)")
 
     def build():
         files = list_files(path)

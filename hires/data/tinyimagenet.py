@@ -12,11 +12,10 @@ labels). Decoded once, cached as uint8 arrays in the cache folder.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
-from .archive import is_archive, iter_files, list_files
+from .archive import data_source, iter_files, list_files
 from .base import ImageData
 from .cache import DatasetNotFoundError, cached_arrays, source_key
 from .imagefolder import decode_images
@@ -28,12 +27,8 @@ MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
 
 def load_tinyimagenet(root, train: bool = True) -> ImageData:
     """Load the train or val split of TinyImageNet-200 (val is returned for ``train=False``)."""
-    path = Path(root).expanduser() if root is not None else None
-    if path is None or not path.exists():
-        raise DatasetNotFoundError(f"TinyImageNet not found at {path}: pass --data pointing to "
-                                   "tiny-imagenet-200/ or tiny-imagenet-200.zip (or set HIRES_DATA)")
-    if not (path.is_dir() or is_archive(path)):
-        raise DatasetNotFoundError(f"{path} is neither a folder nor a .zip/.tar.gz archive")
+    path = data_source(root, "TinyImageNet not found at {path}: pass --data pointing to "
+                             "tiny-imagenet-200/ or tiny-imagenet-200.zip (or set HIRES_DATA)")
 
     def build():
         files = list_files(path)
