@@ -12,7 +12,6 @@ labels). Decoded once, cached as uint8 arrays in the cache folder.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from .archive import data_source, iter_files, list_files
