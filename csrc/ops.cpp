@@ -7,9 +7,9 @@ TORCH_LIBRARY(hires_C, m) {
   m.def(
       "projection_forward(Tensor x, Tensor shift, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor? residual, Tensor? mean_in, Tensor? var_in, int stride, bool ceil_mode, "
-      "bool training, float eps) -> (Tensor out, Tensor pooled, Tensor mean, Tensor var)");
+      "bool training, float eps) -> (Tensor out, Tensor pooled, Tensor y, Tensor mean, Tensor var)");
   m.def(
-      "projection_backward(Tensor grad_out, Tensor saved, Tensor? shift, Tensor weight, Tensor? bn_weight, "
+      "projection_backward(Tensor grad_out, Tensor saved, Tensor? y, Tensor? shift, Tensor weight, Tensor? bn_weight, "
       "Tensor mean, Tensor var, int stride, bool ceil_mode, int in_h, int in_w, bool training, "
       "float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 }

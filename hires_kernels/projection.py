@@ -91,8 +91,9 @@ def _forward_op(
     x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean_in: torch.Tensor | None, var_in: torch.Tensor | None,
     stride: int, ceil_mode: bool, training: bool, eps: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, pooled input saved for backward or empty at stride 1, mean, var)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, pooled input saved for backward or empty at stride 1, conv output y
+    kept for backward or empty, mean, var)."""
     return backends.get(backend).forward(
         x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps)
 
@@ -104,23 +105,25 @@ def _(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, c
     shape = (pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode))
     out = x.new_empty((n, weight.shape[0], *shape)).contiguous(memory_format=fmt)
     pooled = x.new_empty((n, c_in, *shape)).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
+    y = (weight.new_empty((n, weight.shape[0], *shape)).contiguous(memory_format=fmt)
+         if training and backends.keeps_conv_output(backend) else weight.new_empty(0))
     stats = weight.new_empty(weight.shape[0])
-    return out, pooled, stats, torch.empty_like(stats)
+    return out, pooled, y, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("hires::projection_backward", mutates_args=())
 def _backward_op(
-    grad_out: torch.Tensor, saved: torch.Tensor, shift: torch.Tensor | None, weight: torch.Tensor, bn_weight: torch.Tensor | None,
+    grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None, weight: torch.Tensor, bn_weight: torch.Tensor | None,
     mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
     training: bool, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
     return backends.get(backend).backward(
-        grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
+        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
 
 
 @_backward_op.register_fake
-def _(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
+def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
     grad_x = grad_out.new_empty((grad_out.shape[0], weight.shape[1], in_h, in_w))
     return (grad_x.contiguous(memory_format=memory_format_of(grad_out)), torch.empty_like(weight),
             torch.empty_like(mean), torch.empty_like(mean))
@@ -128,19 +131,19 @@ def _(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, i
 
 def _setup_context(ctx, inputs, output):
     x, shift, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
-    _, pooled, mean, var = output
+    _, pooled, y, mean, var = output
     # Stride 1 saves x itself (no copy) and subtracts the shift again in backward;
-    # otherwise the pooled input, already shifted, is all backward needs.
-    ctx.save_for_backward(x if stride == 1 else pooled, shift, weight, bn_weight, mean, var)
+    # otherwise the pooled input, already shifted. y is empty unless the backend keeps it.
+    ctx.save_for_backward(x if stride == 1 else pooled, y, shift, weight, bn_weight, mean, var)
     ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
 
 
-def _backward(ctx, grad_out, _grad_pooled, _grad_mean, _grad_var):
-    saved, shift, weight, bn_weight, mean, var = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_pooled, _grad_y, _grad_mean, _grad_var):
+    saved, y, shift, weight, bn_weight, mean, var = ctx.saved_tensors
     stride, ceil_mode, in_h, in_w, training, eps, backend, fmt = ctx.meta
     grad_out = grad_out.contiguous(memory_format=fmt)
     grad_x, grad_w, grad_gamma, grad_beta = _backward_op(
-        grad_out, saved, shift if stride == 1 else None, weight, bn_weight, mean, var,
+        grad_out, saved, y if y.numel() else None, shift if stride == 1 else None, weight, bn_weight, mean, var,
         stride, ceil_mode, in_h, in_w, training, eps, backend)
     if not training:
         # dW = sum_m dy (p + shift)^T: the kernels summed dy p^T with the shifted p.
@@ -212,7 +215,7 @@ def fused_projection(
         mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc)
 
     with torch.autocast(x.device.type, enabled=False):
-        out, _, mean, var = _forward_op(
+        out, _, _, mean, var = _forward_op(
             x, shift, w, *params, residual, mean_in, var_in, stride, ceil_mode, training, float(eps), name)
 
     if training and running_mean is not None:

@@ -8,16 +8,16 @@
 // shift subtracted per element) happens while loading x; the GEMMs run on the tile
 // buffers through at::mm (MKL/oneDNN), single-threaded inside the parallel region.
 //
-// Forward, training: pass 1 pools x into the tile (writes `pooled`), computes y = W p for
-//   the tile and its per-channel mean and centred sum of squares (two-pass, in cache),
-//   Chan-merged per tile and across threads; y is then dropped. Pass 2 recomputes y = W p
-//   per tile and writes out = (y - mean) * gamma * rstd + beta (+ residual).
-// Forward, eval: pass 2 only (pooled written on the way), with the given statistics.
-// Backward: each tile loads z = [g; p]. Pass 1 accumulates Z p^T (= [sum g p^T; sum p p^T])
-//   and the row sums of z; that gives dbeta, dgamma = rstd (rowdot(W, A) - mean dbeta)
-//   and dW exactly (dy is affine in g and y = W p). Pass 2 computes dp = W^T dy = [B | C] z + d
-//   per tile in one GEMM and scatters it to grad_x with the pooling rule. No tensor of
-//   size [N, C_out, H', W'] other than the outputs (and the pooled input) is created.
+// Forward, training: pass 1 pools x into the tile (writes `pooled`), computes y = W p into
+//   `y` (float32/64, kept for backward as eager keeps its conv output) and the tile's
+//   per-channel mean and centred sum of squares (two-pass, in cache), Chan-merged per tile
+//   and across threads. Pass 2 streams out = (y - mean) * gamma * rstd + beta (+ residual).
+// Forward, eval: one tile pass (pool, GEMM, normalise), with the given statistics.
+// Backward: pass 1 streams g and y for dbeta = sum g and dgamma = rstd sum g (y - mean).
+//   Pass 2, per tile: dy (affine in g and y), then two GEMMs, dW += dy p^T and dp = W^T dy,
+//   and dp is scattered to grad_x with the pooling rule. Eval has no y: the tile works on g
+//   (dy = scale g) and dgamma = rstd (rowdot(W, sum g p^T) - mean dbeta).
+//   With y kept, fwd + bwd costs 3 GEMMs of C_out x C_in x M, as eager's conv does.
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -311,7 +311,7 @@ at::Tensor opt_or(const c10::optional<at::Tensor>& t, const at::Tensor& dflt) {
 // Forward
 
 template <typename scalar_t, bool CL>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& residual, const at::Tensor& mean_in, const at::Tensor& var_in,
     int64_t s, bool ceil_mode, bool training, double eps) {
@@ -322,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const auto aopt = weight.options();
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
   at::Tensor pooled = s > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  at::Tensor y = training ? at::empty({N, C_out, Ho, Wo}, aopt.memory_format(fmt)) : at::empty({0}, aopt);
   const Tiling tl(N, Ho, Wo);
   const int64_t M = N * Ho * Wo;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -329,167 +330,153 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   scalar_t* poolp = s > 1 ? pooled.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t ldp = CL ? C_in : tl.tmax, ldy = CL ? C_out : tl.tmax;
   auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
-
+  const Mat<acc_t> Wm{weight.const_data_ptr<acc_t>(), C_in, false};
+  const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-  // fp32/64 training: pass 1 keeps y in `out` (exact, no rounding) and pass 2 only normalises.
-  const bool y_in_out = training && std::is_same<scalar_t, acc_t>::value;
-  at::Tensor mean, var;
-  if (training) {
-    // Pass 1: y = W p per tile; per-channel tile mean and centred sum of squares (two-pass
-    // in cache), Chan-merged into per-thread accumulators, then across threads.
-    const int nthreads = at::get_num_threads();
-    std::vector<int64_t> cnt(nthreads, 0);
-    at::Tensor mean_acc = at::zeros({nthreads, C_out}, aopt), m2_acc = at::zeros({nthreads, C_out}, aopt);
+  const acc_t* btp = beta.const_data_ptr<acc_t>();
+
+  if (!training) {
+    // One pass: pool x into the tile (writing `pooled`), y = W p, normalise (+ residual).
+    const at::Tensor scale = at::rsqrt(var_in + eps) * gamma;
+    const acc_t* mup = mean_in.const_data_ptr<acc_t>();
+    const acc_t* scp = scale.const_data_ptr<acc_t>();
     at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-      const int tid = at::get_thread_num();
       at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
-      std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
+      std::vector<acc_t> vrow(W);
       acc_t* P = pb.mutable_data_ptr<acc_t>();
-      acc_t* Yb = yb.mutable_data_ptr<acc_t>();
-      acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
-      acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
-      const Mat<acc_t> Wm{weight.const_data_ptr<acc_t>(), C_in, false};
+      acc_t* Y = yb.mutable_data_ptr<acc_t>();
       for (int64_t tile = b; tile < e; ++tile) {
         const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
         load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
         if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
-        // y = W p: straight into `out` when it is position-major fp32/64, else the tile buffer.
-        acc_t* Y = (CL && y_in_out) ? reinterpret_cast<acc_t*>(outp) + u0 * Wo * C_out : Yb;
         gemm<acc_t>(C_out, T, C_in, Wm, Mat<acc_t>{P, ldp, CL}, acc_t(0), Y, ldy, CL);
-        if (y_in_out && !CL)
-          store_tile<CL, scalar_t, acc_t>(outp, nullptr, C_out, Ho, Wo, u0, u1, Y, ldy, nullptr, nullptr, nullptr);
-        const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
-        acc_t* __restrict__ mup_ = mu.data();
-        acc_t* __restrict__ m2p_ = m2.data();
-        if (!CL) {
-          for (int64_t c = 0; c < C_out; ++c) {
-            const acc_t* row = Y + c * ldy;
-            acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < T; ++t) sum += row[t];
-            const acc_t m = sum * inv_t;
-            acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-            for (int64_t t = 0; t < T; ++t) sq += (row[t] - m) * (row[t] - m);
-            mup_[c] = m;
-            m2p_[c] = sq;
-          }
-        } else {
-          std::fill(mu.begin(), mu.end(), acc_t(0));
-          std::fill(m2.begin(), m2.end(), acc_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t* __restrict__ yr = Y + t * ldy;
-            HIRES_SIMD
-            for (int64_t c = 0; c < C_out; ++c) mup_[c] += yr[c];
-          }
-          HIRES_SIMD
-          for (int64_t c = 0; c < C_out; ++c) mup_[c] *= inv_t;
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t* __restrict__ yr = Y + t * ldy;
-            HIRES_SIMD
-            for (int64_t c = 0; c < C_out; ++c) m2p_[c] += (yr[c] - mup_[c]) * (yr[c] - mup_[c]);
-          }
-        }
-        // Chan merge (n_a, mean_a, M2_a) + (T, mu, m2).
-        const int64_t na = cnt[tid], nn = na + T;
-        const acc_t fb = static_cast<acc_t>(T) / static_cast<acc_t>(nn);
-        const acc_t fab = static_cast<acc_t>(na) * fb;
-        for (int64_t c = 0; c < C_out; ++c) {
-          const acc_t delta = mu[c] - mean_a[c];
-          m2_a[c] += m2[c] + delta * delta * fab;
-          mean_a[c] += delta * fb;
-        }
-        cnt[tid] = nn;
+        store_tile<CL, scalar_t, acc_t>(outp, resp, C_out, Ho, Wo, u0, u1, Y, ldy, mup, scp, btp);
       }
     });
-    int64_t na = 0;
-    mean = at::zeros({C_out}, aopt);
-    at::Tensor m2_y = at::zeros({C_out}, aopt);
-    for (int i = 0; i < nthreads; ++i) {
-      if (cnt[i] == 0) continue;
-      const int64_t nb = cnt[i], nn = na + nb;
-      at::Tensor delta = mean_acc[i] - mean;
-      m2_y.add_(m2_acc[i]).add_(delta * delta, static_cast<double>(na) * nb / nn);
-      mean.add_(delta, static_cast<double>(nb) / nn);
-      na = nn;
-    }
-    TORCH_CHECK(na == M, "hires_C (cpu): internal error, statistics cover ", na, " of ", M, " positions");
-    var = m2_y / static_cast<double>(M);
-  } else {
-    mean = mean_in.clone();
-    var = var_in.clone();
+    return {out, pooled, y, mean_in.clone(), var_in.clone()};
   }
 
-  // Pass 2 (the only pass in eval): y = W p per tile, normalised (+ residual).
-  at::Tensor scale = at::rsqrt(var + eps) * gamma;
-  const acc_t* mup = mean.const_data_ptr<acc_t>();
-  const acc_t* scp = scale.const_data_ptr<acc_t>();
-  const acc_t* btp = beta.const_data_ptr<acc_t>();
-  const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-  if (y_in_out) {
-    // Pass 2, streaming: out = (y - mean) * scale + beta (+ residual), in place.
-    const int64_t HW = Ho * Wo;
-    if (!CL) {
-      at::parallel_for(0, N * C_out, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t c = i % C_out;
-          const acc_t m = mup[c], k = scp[c], bb = btp[c];
-          acc_t* __restrict__ o = reinterpret_cast<acc_t*>(outp) + i * HW;
-          if (resp) {
-            const acc_t* __restrict__ r = reinterpret_cast<const acc_t*>(resp) + i * HW;
-            HIRES_SIMD
-            for (int64_t j = 0; j < HW; ++j) o[j] = (o[j] - m) * k + bb + r[j];
-          } else {
-            HIRES_SIMD
-            for (int64_t j = 0; j < HW; ++j) o[j] = (o[j] - m) * k + bb;
-          }
-        }
-      });
-    } else {
-      at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          acc_t* __restrict__ o = reinterpret_cast<acc_t*>(outp) + i * C_out;
-          if (resp) {
-            const acc_t* __restrict__ r = reinterpret_cast<const acc_t*>(resp) + i * C_out;
-            HIRES_SIMD
-            for (int64_t c = 0; c < C_out; ++c) o[c] = (o[c] - mup[c]) * scp[c] + btp[c] + r[c];
-          } else {
-            HIRES_SIMD
-            for (int64_t c = 0; c < C_out; ++c) o[c] = (o[c] - mup[c]) * scp[c] + btp[c];
-          }
-        }
-      });
-    }
-    return {out, pooled, mean, var};
-  }
-  // Float32/64 training re-reads the exact pooled tensor; otherwise pool x again (eval:
-  // first time; low precision: p before rounding, as the statistics saw it).
-  const bool from_pooled = training && s > 1 && std::is_same<scalar_t, acc_t>::value;
-  at::Tensor zero_shift = at::zeros({C_in}, aopt);
+  // Pass 1: pool x into the tile (writing `pooled`), y = W p into `y`, per-tile mean and
+  // centred sum of squares (two-pass, in cache), Chan-merged per thread, then across threads.
+  acc_t* yp = y.mutable_data_ptr<acc_t>();
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> cnt(nthreads, 0);
+  at::Tensor mean_acc = at::zeros({nthreads, C_out}, aopt), m2_acc = at::zeros({nthreads, C_out}, aopt);
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-    at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
-    std::vector<acc_t> vrow(W);
+    const int tid = at::get_thread_num();
+    at::Tensor pb = new_buf(C_in), yb = CL ? at::Tensor() : new_buf(C_out);
+    std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
     acc_t* P = pb.mutable_data_ptr<acc_t>();
-    const acc_t* Y = yb.const_data_ptr<acc_t>();
+    acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
+    acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
-      if (from_pooled) {
-        load_tile<CL>(static_cast<const scalar_t*>(poolp), C_in, Ho, Wo, 1, zero_shift.const_data_ptr<acc_t>(), Ho, Wo,
-                      u0, u1, P, ldp, 0, vrow.data());
+      load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
+      if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
+      // Position-major y tiles are a block of rows of `y`: the GEMM writes them in place.
+      acc_t* Y = CL ? yp + u0 * Wo * C_out : yb.mutable_data_ptr<acc_t>();
+      gemm<acc_t>(C_out, T, C_in, Wm, Mat<acc_t>{P, ldp, CL}, acc_t(0), Y, ldy, CL);
+      if (!CL) store_tile<CL, acc_t, acc_t>(yp, nullptr, C_out, Ho, Wo, u0, u1, Y, ldy, nullptr, nullptr, nullptr);
+      const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
+      acc_t* __restrict__ mup_ = mu.data();
+      acc_t* __restrict__ m2p_ = m2.data();
+      if (!CL) {
+        for (int64_t c = 0; c < C_out; ++c) {
+          const acc_t* row = Y + c * ldy;
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < T; ++t) sum += row[t];
+          const acc_t m = sum * inv_t;
+          acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t t = 0; t < T; ++t) sq += (row[t] - m) * (row[t] - m);
+          mup_[c] = m;
+          m2p_[c] = sq;
+        }
       } else {
-        load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
-        if (!training && poolp)
-          store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
+        std::fill(mu.begin(), mu.end(), acc_t(0));
+        std::fill(m2.begin(), m2.end(), acc_t(0));
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t* __restrict__ yr = Y + t * ldy;
+          HIRES_SIMD
+          for (int64_t c = 0; c < C_out; ++c) mup_[c] += yr[c];
+        }
+        HIRES_SIMD
+        for (int64_t c = 0; c < C_out; ++c) mup_[c] *= inv_t;
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t* __restrict__ yr = Y + t * ldy;
+          HIRES_SIMD
+          for (int64_t c = 0; c < C_out; ++c) m2p_[c] += (yr[c] - mup_[c]) * (yr[c] - mup_[c]);
+        }
       }
-      gemm<acc_t>(C_out, T, C_in, Mat<acc_t>{weight.const_data_ptr<acc_t>(), C_in, false}, Mat<acc_t>{P, ldp, CL},
-                  acc_t(0), const_cast<acc_t*>(Y), ldy, CL);
-      store_tile<CL, scalar_t, acc_t>(outp, resp, C_out, Ho, Wo, u0, u1, Y, ldy, mup, scp, btp);
+      // Chan merge (n_a, mean_a, M2_a) + (T, mu, m2).
+      const int64_t na = cnt[tid], nn = na + T;
+      const acc_t fb = static_cast<acc_t>(T) / static_cast<acc_t>(nn);
+      const acc_t fab = static_cast<acc_t>(na) * fb;
+      for (int64_t c = 0; c < C_out; ++c) {
+        const acc_t delta = mu[c] - mean_a[c];
+        m2_a[c] += m2[c] + delta * delta * fab;
+        mean_a[c] += delta * fb;
+      }
+      cnt[tid] = nn;
     }
   });
-  return {out, pooled, mean, var};
+  int64_t na = 0;
+  at::Tensor mean = at::zeros({C_out}, aopt), m2_y = at::zeros({C_out}, aopt);
+  for (int i = 0; i < nthreads; ++i) {
+    if (cnt[i] == 0) continue;
+    const int64_t nb = cnt[i], nn = na + nb;
+    at::Tensor delta = mean_acc[i] - mean;
+    m2_y.add_(m2_acc[i]).add_(delta * delta, static_cast<double>(na) * nb / nn);
+    mean.add_(delta, static_cast<double>(nb) / nn);
+    na = nn;
+  }
+  TORCH_CHECK(na == M, "hires_C (cpu): internal error, statistics cover ", na, " of ", M, " positions");
+  at::Tensor var = m2_y / static_cast<double>(M);
+
+  // Pass 2, streaming: out = (y - mean) * scale + beta (+ residual).
+  const at::Tensor scale = at::rsqrt(var + eps) * gamma;
+  const acc_t* mup = mean.const_data_ptr<acc_t>();
+  const acc_t* scp = scale.const_data_ptr<acc_t>();
+  const int64_t HW = Ho * Wo;
+  if (!CL) {
+    at::parallel_for(0, N * C_out, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i % C_out;
+        const acc_t m = mup[c], k = scp[c], bb = btp[c];
+        const acc_t* __restrict__ yr = yp + i * HW;
+        scalar_t* __restrict__ o = outp + i * HW;
+        if (resp) {
+          const scalar_t* __restrict__ r = resp + i * HW;
+          HIRES_SIMD
+          for (int64_t j = 0; j < HW; ++j) o[j] = static_cast<scalar_t>((yr[j] - m) * k + bb + static_cast<acc_t>(r[j]));
+        } else {
+          HIRES_SIMD
+          for (int64_t j = 0; j < HW; ++j) o[j] = static_cast<scalar_t>((yr[j] - m) * k + bb);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t* __restrict__ yr = yp + i * C_out;
+        scalar_t* __restrict__ o = outp + i * C_out;
+        if (resp) {
+          const scalar_t* __restrict__ r = resp + i * C_out;
+          HIRES_SIMD
+          for (int64_t c = 0; c < C_out; ++c)
+            o[c] = static_cast<scalar_t>((yr[c] - mup[c]) * scp[c] + btp[c] + static_cast<acc_t>(r[c]));
+        } else {
+          HIRES_SIMD
+          for (int64_t c = 0; c < C_out; ++c) o[c] = static_cast<scalar_t>((yr[c] - mup[c]) * scp[c] + btp[c]);
+        }
+      }
+    });
+  }
+  return {out, pooled, y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cpu(
     const at::Tensor& x_, const at::Tensor& shift, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const c10::optional<at::Tensor>& residual_,
     const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in, int64_t stride, bool ceil_mode,
@@ -528,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cp
     mi = param(*mean_in, "mean_in");
     vi = param(*var_in, "var_in");
   }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_.scalar_type(), "projection_forward_cpu", [&] {
     if (cl)
       result = forward_impl<scalar_t, true>(x_, sh, weight, gamma, beta, residual, mi, vi, stride, ceil_mode, training, eps);
@@ -541,118 +528,186 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cp
 // ------------------------------------------------------------------------------------
 // Backward
 
+// Calls f(n, oh0, oh1, t0) for each run of units [u0, u1) inside one image (contiguous
+// per channel in NCHW); t0 is the run's first position within the tile.
+template <typename F>
+void for_each_image_run(int64_t ho, int64_t wo, int64_t u0, int64_t u1, F f) {
+  for (int64_t u = u0; u < u1;) {
+    const int64_t n = u / ho, e = std::min(u1, (n + 1) * ho);
+    f(n, u % ho, u % ho + (e - u), (u - u0) * wo);
+    u = e;
+  }
+}
+
+// Per channel, rows of a [2, C] tensor: sum_m g and, when y is given, sum_m g (y - mean).
+template <bool CL, typename scalar_t, typename acc_t>
+at::Tensor grad_sums(const scalar_t* g, const acc_t* y, const acc_t* mu, int64_t N, int64_t C, int64_t HW,
+                     const at::TensorOptions& aopt) {
+  const int nthreads = at::get_num_threads();
+  at::Tensor part = at::zeros({nthreads, 2, C}, aopt);
+  acc_t* partp = part.mutable_data_ptr<acc_t>();
+  if (!CL) {
+    at::parallel_for(0, N * C, 8, [&](int64_t b, int64_t e) {
+      acc_t* ps = partp + at::get_thread_num() * 2 * C;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i % C;
+        const scalar_t* __restrict__ gr = g + i * HW;
+        acc_t s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0)
+        for (int64_t j = 0; j < HW; ++j) s0 += static_cast<acc_t>(gr[j]);
+        if (y) {
+          const acc_t* __restrict__ yr = y + i * HW;
+          const acc_t m = mu[c];
+#pragma omp simd reduction(+ : s1)
+          for (int64_t j = 0; j < HW; ++j) s1 += static_cast<acc_t>(gr[j]) * (yr[j] - m);
+        }
+        ps[c] += s0;
+        ps[C + c] += s1;
+      }
+    });
+  } else {
+    constexpr int64_t kBlock = 256;  // positions summed locally before joining the thread's sums
+    at::parallel_for(0, N * HW, kBlock, [&](int64_t b, int64_t e) {
+      acc_t* __restrict__ ps = partp + at::get_thread_num() * 2 * C;
+      std::vector<acc_t> l0(C), l1(C);
+      acc_t* __restrict__ s0 = l0.data();
+      acc_t* __restrict__ s1 = l1.data();
+      for (int64_t m0 = b; m0 < e; m0 += kBlock) {
+        std::fill(l0.begin(), l0.end(), acc_t(0));
+        std::fill(l1.begin(), l1.end(), acc_t(0));
+        for (int64_t m = m0; m < std::min(e, m0 + kBlock); ++m) {
+          const scalar_t* __restrict__ gr = g + m * C;
+          HIRES_SIMD
+          for (int64_t c = 0; c < C; ++c) s0[c] += static_cast<acc_t>(gr[c]);
+          if (y) {
+            const acc_t* __restrict__ yr = y + m * C;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C; ++c) s1[c] += static_cast<acc_t>(gr[c]) * (yr[c] - mu[c]);
+          }
+        }
+        HIRES_SIMD
+        for (int64_t c = 0; c < C; ++c) {
+          ps[c] += s0[c];
+          ps[C + c] += s1[c];
+        }
+      }
+    });
+  }
+  return part.sum(0);
+}
+
+// The tile E(c, t) of units [u0, u1): dy = al[c] g + be[c] (y - mu[c]) + ga[c] when y is
+// given (training), else g.
+template <bool CL, typename scalar_t, typename acc_t>
+void dy_tile(const scalar_t* g, const acc_t* y, int64_t C, int64_t ho, int64_t wo, int64_t u0, int64_t u1,
+             const acc_t* al, const acc_t* be, const acc_t* ga, const acc_t* mu, acc_t* E, int64_t ld) {
+  const int64_t HW = ho * wo;
+  if (!CL) {
+    for (int64_t c = 0; c < C; ++c) {
+      for_each_image_run(ho, wo, u0, u1, [&](int64_t n, int64_t oh0, int64_t oh1, int64_t t0) {
+        const int64_t off = (n * C + c) * HW + oh0 * wo, len = (oh1 - oh0) * wo;
+        const scalar_t* __restrict__ gr = g + off;
+        acc_t* __restrict__ er = E + c * ld + t0;
+        if (y) {
+          const acc_t* __restrict__ yr = y + off;
+          const acc_t a = al[c], k = be[c], m = mu[c], d = ga[c];
+          HIRES_SIMD
+          for (int64_t j = 0; j < len; ++j) er[j] = a * static_cast<acc_t>(gr[j]) + k * (yr[j] - m) + d;
+        } else {
+          HIRES_SIMD
+          for (int64_t j = 0; j < len; ++j) er[j] = static_cast<acc_t>(gr[j]);
+        }
+      });
+    }
+  } else {
+    const int64_t T = (u1 - u0) * wo;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t off = (u0 * wo + t) * C;
+      const scalar_t* __restrict__ gr = g + off;
+      acc_t* __restrict__ er = E + t * ld;
+      if (y) {
+        const acc_t* __restrict__ yr = y + off;
+        HIRES_SIMD
+        for (int64_t c = 0; c < C; ++c) er[c] = al[c] * static_cast<acc_t>(gr[c]) + be[c] * (yr[c] - mu[c]) + ga[c];
+      } else {
+        HIRES_SIMD
+        for (int64_t c = 0; c < C; ++c) er[c] = static_cast<acc_t>(gr[c]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, bool CL>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& shift, const at::Tensor& weight,
-    const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& var, int64_t s, bool ceil_mode, int64_t H,
-    int64_t W, bool training, double eps) {
+    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& y, const at::Tensor& shift,
+    const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& var, int64_t s,
+    bool ceil_mode, int64_t H, int64_t W, bool training, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = g.size(0), C_out = g.size(1), Ho = g.size(2), Wo = g.size(3), C_in = weight.size(1);
   const auto aopt = weight.options();
   const int64_t M = N * Ho * Wo;
-  const int64_t Cz = C_out + C_in;           // z = [g; p] per position
-  const int64_t Kz = training ? Cz : C_out;  // rows of z that the GEMMs use
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const acc_t* yp = training ? y.const_data_ptr<acc_t>() : nullptr;
+  const at::Tensor rstd = at::rsqrt(var + eps), scale = rstd * gamma;
+
+  // Pass 1: dbeta = sum g and, in training, dgamma = rstd sum g (y - mean).
+  const at::Tensor sums = grad_sums<CL>(gp, yp, mean.const_data_ptr<acc_t>(), N, C_out, Ho * Wo, aopt);
+  at::Tensor dbeta = sums[0], dgamma;
+  // Pass 2 works on E = dy (training) or g (eval): acc += E p^T and dp = Wd^T E, with
+  // Wd = W (training) or diag(scale) W (eval, where dy = scale g).
+  at::Tensor al, be, ga, Wd;
+  if (training) {
+    dgamma = rstd * sums[1];
+    al = scale;
+    be = -scale * rstd * dgamma / static_cast<double>(M);
+    ga = -scale * dbeta / static_cast<double>(M);
+    Wd = weight;
+  } else {
+    Wd = (weight * scale.unsqueeze(1)).contiguous();
+  }
+
   at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(fmt_of(CL)));
   const Tiling tl(N, Ho, Wo);
-  const int64_t ldz = CL ? Cz : tl.tmax, ldd = CL ? C_in : tl.tmax;
+  const int64_t lde = CL ? C_out : tl.tmax, ldp = CL ? C_in : tl.tmax;
   auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
-  at::Tensor zero = at::zeros({std::max(C_in, C_out)}, aopt);
-  const acc_t* zp = zero.const_data_ptr<acc_t>();
-  const acc_t* shp = shift.defined() ? shift.const_data_ptr<acc_t>() : zp;
-  auto load_z = [&](int64_t u0, int64_t u1, acc_t* Z, acc_t* vrow) {
-    load_tile<CL>(gp, C_out, Ho, Wo, 1, zp, Ho, Wo, u0, u1, Z, ldz, 0, vrow);
-    load_tile<CL>(sp, C_in, Ho, Wo, 1, shp, Ho, Wo, u0, u1, Z, ldz, C_out, vrow);
-  };
-
-  // Pass 1: per thread, acc = sum Z[:Kz] p^T and the row sums of z.
-  const int nthreads = at::get_num_threads();
-  at::Tensor gram = at::zeros({nthreads, Kz, C_in}, aopt), zsum = at::zeros({nthreads, Cz}, aopt);
-  at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-    const int tid = at::get_thread_num();
-    at::Tensor zb = new_buf(Cz);
-    acc_t* A_acc = gram[tid].mutable_data_ptr<acc_t>();
-    std::vector<acc_t> vrow(std::max(Wo, W));
-    acc_t* Z = zb.mutable_data_ptr<acc_t>();
-    acc_t* zs = zsum[tid].mutable_data_ptr<acc_t>();
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
-      load_z(u0, u1, Z, vrow.data());
-      if (!CL) {
-        for (int64_t c = 0; c < Cz; ++c) {
-          const acc_t* __restrict__ row = Z + c * ldz;
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < T; ++t) sum += row[t];
-          zs[c] += sum;
-        }
-      } else {
-        acc_t* __restrict__ zsr = zs;
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t* __restrict__ zr = Z + t * ldz;
-          HIRES_SIMD
-          for (int64_t c = 0; c < Cz; ++c) zsr[c] += zr[c];
-        }
-      }
-      // acc[Kz, C_in] += Z[:Kz] P^T, P = Z[C_out:]
-      gemm<acc_t>(Kz, C_in, T, Mat<acc_t>{Z, ldz, CL}, Mat<acc_t>{CL ? Z + C_out : Z + C_out * ldz, ldz, !CL}, acc_t(1),
-                  A_acc, C_in, false);
-    }
-  });
-  at::Tensor G = gram.sum(0), S = zsum.sum(0);
-  at::Tensor A = G.narrow(0, 0, C_out);  // sum g p^T
-  at::Tensor dbeta = S.narrow(0, 0, C_out).clone(), Sp = S.narrow(0, C_out, C_in);
-  at::Tensor rstd = at::rsqrt(var + eps);
-  at::Tensor scale = rstd * gamma;
-  at::Tensor dgamma = rstd * ((weight * A).sum(1) - mean * dbeta);
-  at::Tensor dW, Bm, d;
-  if (training) {
-    // dy = scale g + k y + cv with y = W p (the training formula expanded)
-    at::Tensor k = -scale * rstd * dgamma / static_cast<double>(M);
-    at::Tensor cv = -scale * dbeta / static_cast<double>(M) - k * mean;
-    at::Tensor Gp = G.narrow(0, C_out, C_in);
-    dW = scale.unsqueeze(1) * A + k.unsqueeze(1) * at::mm(weight, Gp) + at::outer(cv, Sp);
-    at::Tensor wt = weight.t();
-    Bm = at::cat({wt * scale.unsqueeze(0), at::mm(wt * k.unsqueeze(0), weight)}, 1).contiguous();
-    d = at::mv(wt, cv).contiguous();
-  } else {
-    dW = scale.unsqueeze(1) * A;
-    Bm = (weight.t() * scale.unsqueeze(0)).contiguous();
-    d = zero.narrow(0, 0, C_in);
-  }
-  const acc_t* dptr = d.const_data_ptr<acc_t>();
-
-  // Pass 2: dp = Bm z + d per tile, scattered to grad_x.
+  const at::Tensor zero = at::zeros({C_in}, aopt);
+  const acc_t* shp = (shift.defined() ? shift : zero).const_data_ptr<acc_t>();
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+  const acc_t *alp = ptr(al), *bep = ptr(be), *gap = ptr(ga), *mup = mean.const_data_ptr<acc_t>();
+  const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
+  at::Tensor acc = at::zeros({at::get_num_threads(), C_out, C_in}, aopt);
   scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-    at::Tensor zb = new_buf(Cz), db = new_buf(C_in);
-    std::vector<acc_t> vrow(std::max(Wo, W));
-    acc_t* Z = zb.mutable_data_ptr<acc_t>();
+    at::Tensor eb = new_buf(C_out), pb = new_buf(C_in), db = new_buf(C_in);
+    std::vector<acc_t> vrow(W);
+    acc_t* E = eb.mutable_data_ptr<acc_t>();
+    acc_t* P = pb.mutable_data_ptr<acc_t>();
     acc_t* D = db.mutable_data_ptr<acc_t>();
+    acc_t* A = acc[at::get_thread_num()].mutable_data_ptr<acc_t>();
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
-      load_z(u0, u1, Z, vrow.data());
-      // D = Bm z (+ d): d pre-filled, then beta = 1.
-      if (training) {
-        if (!CL) {
-          for (int64_t c = 0; c < C_in; ++c) std::fill(D + c * ldd, D + c * ldd + T, dptr[c]);
-        } else {
-          for (int64_t t = 0; t < T; ++t) std::copy(dptr, dptr + C_in, D + t * ldd);
-        }
-      }
-      gemm<acc_t>(C_in, T, Kz, Mat<acc_t>{Bm.const_data_ptr<acc_t>(), Kz, false}, Mat<acc_t>{Z, ldz, CL},
-                  training ? acc_t(1) : acc_t(0), D, ldd, CL);
-      scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldd);
+      dy_tile<CL>(gp, yp, C_out, Ho, Wo, u0, u1, alp, bep, gap, mup, E, lde);
+      load_tile<CL>(sp, C_in, Ho, Wo, 1, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
+      gemm<acc_t>(C_out, C_in, T, Mat<acc_t>{E, lde, CL}, Mat<acc_t>{P, ldp, !CL}, acc_t(1), A, C_in, false);
+      gemm<acc_t>(C_in, T, C_out, WdT, Mat<acc_t>{E, lde, CL}, acc_t(0), D, ldp, CL);
+      scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldp);
     }
   });
+  at::Tensor dW = acc.sum(0);
+  if (!training) {
+    // dgamma = rstd sum g (W p - mean), from A = sum g p^T.
+    dgamma = rstd * ((weight * dW).sum(1) - mean * dbeta);
+    dW.mul_(scale.unsqueeze(1));
+  }
   return {grad_x, dW, dgamma, dbeta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& saved_, const c10::optional<at::Tensor>& shift_,
-    const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean, const at::Tensor& var,
-    int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
+    const at::Tensor& grad_out, const at::Tensor& saved_, const c10::optional<at::Tensor>& y_,
+    const c10::optional<at::Tensor>& shift_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w,
+    bool training, double eps) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor weight = weight_.detach();
   TORCH_CHECK(grad_out.dim() == 4, "hires_C (cpu): grad_out must be 4-D [N, C_out, H', W'], got ", grad_out.sizes());
@@ -671,6 +726,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_c
   TORCH_CHECK(acc == (grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "hires_C (cpu): weight must be in the accumulation dtype");
   at::Tensor saved = saved_.contiguous(fmt_of(cl));
+  at::Tensor y;
+  if (training) {
+    y = opt_or(y_, at::Tensor());
+    TORCH_CHECK(y.defined() && y.sizes() == grad_out.sizes() && y.scalar_type() == acc,
+                "hires_C (cpu): training backward needs y, the [N, C_out, H', W'] ", acc,
+                " conv output the forward returned");
+    y = y.contiguous(fmt_of(cl));
+  }
   at::Tensor shift = opt_or(shift_, at::Tensor());
   if (shift.defined()) {
     TORCH_CHECK(shift.numel() == C_in && shift.scalar_type() == acc, "hires_C (cpu): shift must be [C_in] in ", acc);
@@ -682,10 +745,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_c
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "projection_backward_cpu", [&] {
     if (cl)
-      result = backward_impl<scalar_t, true>(grad_out, saved, shift, weight, gamma, mean.contiguous(), var.contiguous(),
-                                             stride, ceil_mode, in_h, in_w, training, eps);
+      result = backward_impl<scalar_t, true>(grad_out, saved, y, shift, weight, gamma, mean.contiguous(),
+                                             var.contiguous(), stride, ceil_mode, in_h, in_w, training, eps);
     else
-      result = backward_impl<scalar_t, false>(grad_out, saved, shift, weight, gamma, mean.contiguous(),
+      result = backward_impl<scalar_t, false>(grad_out, saved, y, shift, weight, gamma, mean.contiguous(),
                                               var.contiguous(), stride, ceil_mode, in_h, in_w, training, eps);
   });
   return result;

@@ -584,7 +584,7 @@ void check_param(const std::optional<at::Tensor>& t, const char* name, at::Scala
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cuda(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& mean_in,
@@ -619,6 +619,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cu
 
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
   at::Tensor pooled = stride > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : x.new_empty({0});
+  // The backward recomputes y from the pooled input: no conv output is kept.
+  const at::Tensor no_y = weight.new_empty({0});
   at::Tensor mean, var;
   if (training) {
     mean = at::empty({C_out}, weight.options());
@@ -627,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cu
     mean = mean_in->clone();
     var = var_in->clone();
   }
-  if (C_out == 0) return {out, pooled, mean, var};
+  if (C_out == 0) return {out, pooled, no_y, mean, var};
 
   const auto cstream = c10::cuda::getCurrentCUDAStream();
   const cudaStream_t stream = cstream.stream();
@@ -673,13 +675,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cu
     y_tile_kernel<scalar_t, acc_t, FWD_APPLY><<<grid, NT, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, pooled, mean, var};
+  return {out, pooled, no_y, mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& saved, const std::optional<at::Tensor>& shift,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
-    const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
+    const at::Tensor& grad_out, const at::Tensor& saved, const std::optional<at::Tensor>& /*y: not kept*/,
+    const std::optional<at::Tensor>& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
   TORCH_CHECK(grad_out.is_cuda() && grad_out.dim() == 4, "hires_C (cuda): grad_out must be a 4-D CUDA tensor");
   TORCH_CHECK(stride >= 1, "hires_C (cuda): stride must be >= 1");
   const c10::cuda::CUDAGuard guard(grad_out.device());

@@ -1,7 +1,8 @@
 """Backend registry: which kernels can run the fused projection here, and the default.
 
 Every backend module exposes ``forward`` and ``backward`` with the signatures of
-:mod:`hires_kernels.backends.reference` (its docstring holds the math), an
+:mod:`hires_kernels.backends.reference` (its docstring holds the math and which
+tensors pass from forward to backward), an
 ``unavailable_reason(device)`` returning ``None`` when it can run tensors of that
 device, and ``DTYPES``, the activation dtypes it supports. Inputs arrive validated,
 dense in one memory format (NCHW or NHWC) shared by ``x`` and ``residual``, with the
@@ -19,6 +20,11 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "HIRES_BACKEND"
+
+# Backends whose training forward returns the conv output y = W p for backward to reuse
+# (one GEMM fewer there, at the memory eager's conv output takes); the others return an
+# empty y and recompute it.
+_KEEPS_CONV_OUTPUT = frozenset({"reference", "cpu"})
 
 # The default for a device, fastest first.
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -93,3 +99,8 @@ def _resolve_cached(requested: str | None, env: str | None, device_type: str) ->
 
 def get(name: str) -> ModuleType:
     return _module(name)
+
+
+def keeps_conv_output(name: str) -> bool:
+    """Whether backend ``name``'s training forward returns y (else an empty tensor)."""
+    return name in _KEEPS_CONV_OUTPUT

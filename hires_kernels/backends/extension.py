@@ -39,7 +39,7 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     )
 
 
-def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+def backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     return torch.ops.hires_C.projection_backward(
-        grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps
+        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps
     )

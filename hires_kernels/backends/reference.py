@@ -21,9 +21,12 @@ Forward::
     mean, var = mean_in, var_in                          eval
     rstd  = 1 / sqrt(var + eps),  yhat = (y - mean) * rstd
     out   = gamma * yhat + beta (+ residual)       (subtract mean before scaling)
-    returns out, pooled = p (saved for backward; empty at stride 1), mean, var
+    returns out, pooled = p (saved for backward; empty at stride 1),
+            y (training, in the accumulation dtype, for backends that keep it for
+               backward, see ``backends.keeps_conv_output``; otherwise empty), mean, var
 
-Backward, with g = dL/dout and p = saved - shift (stride 1: saved is x) or saved::
+Backward, with g = dL/dout and p = saved - shift (stride 1: saved is x) or saved,
+and y as forward returned it (None: recomputed as W p)::
 
     dbeta  = sum_m g,   dgamma = sum_m g * yhat
     dy     = gamma * rstd * (g - dbeta / M - yhat * dgamma / M)     training
@@ -53,6 +56,7 @@ def _shifted(t, shift, acc):
 
 
 def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
+    """Returns (out, pooled, y, mean, var); this backend keeps y in training."""
     acc = weight.dtype
     fmt = memory_format_of(x)
     p = _shifted(x, shift, acc)
@@ -66,7 +70,8 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     out = normalize(y, mean, var, eps, bn_weight, bn_bias, residual)
     out = out.to(x.dtype).contiguous(memory_format=fmt)
     pooled = p.to(x.dtype).contiguous(memory_format=fmt) if stride > 1 else x.new_empty(0)
-    return out, pooled, mean, var
+    kept = y.contiguous(memory_format=fmt) if training else weight.new_empty(0)
+    return out, pooled, kept, mean, var
 
 
 def normalize(y, mean, var, eps, bn_weight, bn_bias, residual):
@@ -87,10 +92,13 @@ def saved_input(saved, shift, acc):
     return saved.to(acc) if shift is None else _shifted(saved, shift, acc)
 
 
-def normalized(p, weight, mean, var, eps):
-    """(yhat, rstd): the normalised conv output recomputed from p, and 1/sqrt(var + eps)."""
+def normalized(p, weight, mean, var, eps, y=None):
+    """(yhat, rstd): the normalised conv output (y, or recomputed from p when y is None),
+    and 1/sqrt(var + eps)."""
     rstd = torch.rsqrt(var + eps)
-    return (F.conv2d(p, weight[:, :, None, None]) - mean[:, None, None]) * rstd[:, None, None], rstd
+    if y is None:
+        y = F.conv2d(p, weight[:, :, None, None])
+    return (y - mean[:, None, None]) * rstd[:, None, None], rstd
 
 
 def grad_sums(g, yhat):
@@ -110,12 +118,12 @@ def conv_pool_backward(dy, p, weight, stride, ceil_mode, in_h, in_w):
     return dp, dweight
 
 
-def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+def backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     acc = weight.dtype
     p = saved_input(saved, shift, acc)
     g = grad_out.to(acc)
     m = g.numel() // g.shape[1]
-    yhat, rstd = normalized(p, weight, mean, var, eps)
+    yhat, rstd = normalized(p, weight, mean, var, eps, y)
     dbeta, dgamma = grad_sums(g, yhat)
     scale = rstd if bn_weight is None else rstd * bn_weight
     if training:

@@ -21,6 +21,8 @@ Forward, training (2 kernels + a tiny torch combine):
   2. ``_fwd_kernel[APPLY]``: recomputes y from ``pooled`` (s^2 times smaller than x;
      at stride 1 from x with the shift), writes out = (y - mean)*scale + beta + residual.
      Reads e*C_in (+ e*C_out residual), writes e*C_out per row.
+  The conv output is not kept for backward (``y`` is returned empty): backward
+  recomputes it from ``pooled``, trading C_in x C_out FLOPs per row for 4*C_out bytes.
 Forward, eval: one ``_fwd_kernel[APPLY]`` that pools x on load, writes pooled (needed by
   backward) and out. Reads e*C_in*s^2 (+ e*C_out), writes e*(C_in + C_out) per row.
 Backward (2 kernels + torch sums of partials):
@@ -447,10 +449,10 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
         m, c_in, c_out, hs, ws, ho * wo, wo,
         SUB_SHIFT=sub, WRITE_POOLED=(not training and stride > 1), APPLY=True,
         HAS_BETA=bn_bias is not None, HAS_RES=has_res, **common)
-    return out, pooled, mean, var
+    return out, pooled, weight.new_empty(0), mean, var
 
 
-def backward(grad_out, saved, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
+def backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     if grad_out.dtype not in DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {grad_out.dtype}")
     n, c_out, ho, wo = grad_out.shape
