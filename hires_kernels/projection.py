@@ -113,8 +113,8 @@ def _(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, c
 
 @torch.library.custom_op("hires::projection_backward", mutates_args=())
 def _backward_op(
-    grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None, weight: torch.Tensor, bn_weight: torch.Tensor | None,
-    mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
+    grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None,
+    weight: torch.Tensor, bn_weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
     training: bool, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""

@@ -97,6 +97,31 @@ def test_opcheck(backend, device, case):
     torch.library.opcheck(torch.ops.hires.projection_forward.default, args)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_output_kept_only_where_declared(backend, device, training):
+    """Forward returns y = W (pool(x) - shift) in float32 for the backends that keep it
+    for backward (training only), and an empty tensor otherwise."""
+    from hires_kernels.backends import keeps_conv_output
+    from hires_kernels.shapes import data_shift
+    case = Case(training=training, layout="channels_last", ceil_mode=True)
+    inp = make_inputs(case, torch.float32, device)
+    x = inp["x"].contiguous(memory_format=torch.channels_last)
+    shift = data_shift(x, case.stride, torch.float32)
+    stats = (None, None) if training else (inp["running_mean"], inp["running_var"])
+    _, _, y, _, _ = torch.ops.hires.projection_forward(
+        x, shift, inp["weight"], inp["bn_weight"], inp["bn_bias"], None, *stats,
+        case.stride, case.ceil_mode, training, 1e-5, backend)
+    if not (training and keeps_conv_output(backend)):
+        assert y.numel() == 0
+        return
+    p = torch.nn.functional.avg_pool2d(x - shift[:, None, None], case.stride, ceil_mode=case.ceil_mode,
+                                       count_include_pad=False)
+    expected = torch.nn.functional.conv2d(p, inp["weight"][:, :, None, None])
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_available_backends_lists_reference():
     assert "reference" in hires_kernels.available_backends()
     assert "reference" in hires_kernels.available_backends("cpu")
