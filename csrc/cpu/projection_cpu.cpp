@@ -181,6 +181,32 @@ void load_tile(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t s, 
   }
 }
 
+// out[j] = (in[j] - m) * k + b (+ res[j]) for j < n: subtract the mean before scaling.
+template <typename scalar_t, typename acc_t>
+inline void normalize_row(scalar_t* __restrict__ out, const acc_t* __restrict__ in, const scalar_t* __restrict__ res,
+                          int64_t n, acc_t m, acc_t k, acc_t b) {
+  if (res) {
+    HIRES_SIMD
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b + static_cast<acc_t>(res[j]));
+  } else {
+    HIRES_SIMD
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b);
+  }
+}
+
+// The same across the channels of one position (NHWC): out[c] = (in[c] - m[c]) * k[c] + b[c] (+ res[c]).
+template <typename scalar_t, typename acc_t>
+inline void normalize_pixel(scalar_t* __restrict__ out, const acc_t* __restrict__ in, const scalar_t* __restrict__ res,
+                            int64_t C, const acc_t* m, const acc_t* k, const acc_t* b) {
+  if (res) {
+    HIRES_SIMD
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>((in[c] - m[c]) * k[c] + b[c] + static_cast<acc_t>(res[c]));
+  } else {
+    HIRES_SIMD
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>((in[c] - m[c]) * k[c] + b[c]);
+  }
+}
+
 // Writes units [u0, u1) of dst ([N, C, Ho, Wo], this layout):
 //   dst = (buf(c, t) - mu[c]) * sc[c] + bt[c] (+ res), or the plain buffer when mu is null.
 template <bool CL, typename scalar_t, typename acc_t>
@@ -192,16 +218,7 @@ void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t n = u / ho, oh = u % ho;
         const int64_t off = ((n * C + c) * ho + oh) * wo;
-        const acc_t* in = buf + c * ld + (u - u0) * wo;
-        scalar_t* out = dst + off;
-        if (res) {
-          const scalar_t* r = res + off;
-          HIRES_SIMD
-          for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b + static_cast<acc_t>(r[j]));
-        } else {
-          HIRES_SIMD
-          for (int64_t j = 0; j < wo; ++j) out[j] = static_cast<scalar_t>((in[j] - m) * k + b);
-        }
+        normalize_row(dst + off, buf + c * ld + (u - u0) * wo, res ? res + off : nullptr, wo, m, k, b);
       }
     }
   } else {
@@ -213,14 +230,8 @@ void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64
       if (!mu) {
         HIRES_SIMD
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(in[c]);
-      } else if (res) {
-        const scalar_t* r = res + off;
-        HIRES_SIMD
-        for (int64_t c = 0; c < C; ++c)
-          out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c] + static_cast<acc_t>(r[c]));
       } else {
-        HIRES_SIMD
-        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>((in[c] - mu[c]) * sc[c] + bt[c]);
+        normalize_pixel(out, in, res ? res + off : nullptr, C, mu, sc, bt);
       }
     }
   }
@@ -443,33 +454,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
     at::parallel_for(0, N * C_out, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t c = i % C_out;
-        const acc_t m = mup[c], k = scp[c], bb = btp[c];
-        const acc_t* __restrict__ yr = yp + i * HW;
-        scalar_t* __restrict__ o = outp + i * HW;
-        if (resp) {
-          const scalar_t* __restrict__ r = resp + i * HW;
-          HIRES_SIMD
-          for (int64_t j = 0; j < HW; ++j) o[j] = static_cast<scalar_t>((yr[j] - m) * k + bb + static_cast<acc_t>(r[j]));
-        } else {
-          HIRES_SIMD
-          for (int64_t j = 0; j < HW; ++j) o[j] = static_cast<scalar_t>((yr[j] - m) * k + bb);
-        }
+        normalize_row(outp + i * HW, yp + i * HW, resp ? resp + i * HW : nullptr, HW, mup[c], scp[c], btp[c]);
       }
     });
   } else {
     at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const acc_t* __restrict__ yr = yp + i * C_out;
-        scalar_t* __restrict__ o = outp + i * C_out;
-        if (resp) {
-          const scalar_t* __restrict__ r = resp + i * C_out;
-          HIRES_SIMD
-          for (int64_t c = 0; c < C_out; ++c)
-            o[c] = static_cast<scalar_t>((yr[c] - mup[c]) * scp[c] + btp[c] + static_cast<acc_t>(r[c]));
-        } else {
-          HIRES_SIMD
-          for (int64_t c = 0; c < C_out; ++c) o[c] = static_cast<scalar_t>((yr[c] - mup[c]) * scp[c] + btp[c]);
-        }
+        normalize_pixel(outp + i * C_out, yp + i * C_out, resp ? resp + i * C_out : nullptr, C_out, mup, scp, btp);
       }
     });
   }
