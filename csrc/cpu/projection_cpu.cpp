@@ -662,8 +662,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t lde = CL ? C_out : tl.tmax, ldp = CL ? C_in : tl.tmax;
   auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
-  const at::Tensor zero = at::zeros({C_in}, aopt);
-  const acc_t* shp = (shift.defined() ? shift : zero).const_data_ptr<acc_t>();
+  // Stride > 1 saves the already-shifted pooled input: subtract nothing.
+  const at::Tensor sub = shift.defined() ? shift : at::zeros({C_in}, aopt);
+  const acc_t* shp = sub.const_data_ptr<acc_t>();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
   const acc_t *alp = ptr(al), *bep = ptr(be), *gap = ptr(ga), *mup = mean.const_data_ptr<acc_t>();
   const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
