@@ -1,13 +1,16 @@
 """The fused hierarchical projection: avgpool -> 1x1 conv -> BatchNorm (-> + residual).
 
 This module holds the public op, its eager reference (the oracle every backend is
-tested against), input validation, and the ``torch.library`` custom ops with their
-fake kernels and autograd formula. The kernels live in :mod:`hires_kernels.backends`;
+tested against), input validation, the ``torch.library`` custom ops with their
+fake kernels and autograd formula, and the autograd.Function that serves plain eager
+calls with the same kernels and formula. The kernels live in :mod:`hires_kernels.backends`;
 the math of forward and backward is in the docstring of
 :mod:`hires_kernels.backends.reference`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,61 +36,82 @@ def projection_reference(
     return z if residual is None else residual + z
 
 
-def _check(cond: bool, msg: str, exc=ValueError):
-    if not cond:
-        raise exc(f"fused_projection: {msg}")
+def _fail(msg: str, exc=ValueError):
+    raise exc(f"fused_projection: {msg}")
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode):
-    """Every documented error, raised before any kernel runs or any state changes."""
-    _check(isinstance(x, torch.Tensor) and x.dim() == 4,
-           f"x must be a 4-D tensor [N, C_in, H, W], got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    _check(x.dtype in _ACTIVATION_DTYPES,
-           f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64")
+    """Every documented error, raised before any kernel runs or any state changes.
+
+    Messages are formatted only on failure: this runs on every call."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+        _fail(f"x must be a 4-D tensor [N, C_in, H, W], got {_shape(x)}")
+    if x.dtype not in _ACTIVATION_DTYPES:
+        _fail(f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64")
     n, c_in, h, w = x.shape
-    _check(n > 0, "x is an empty batch (N == 0)")
-    _check(h > 0 and w > 0, f"x has an empty spatial size {h}x{w}")
-    _check(isinstance(weight, torch.Tensor), "weight must be a tensor")
-    _check(weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2:] == (1, 1)),
-           f"weight must be [C_out, C_in] or [C_out, C_in, 1, 1], got {tuple(weight.shape)}")
+    if n == 0:
+        _fail("x is an empty batch (N == 0)")
+    if h == 0 or w == 0:
+        _fail(f"x has an empty spatial size {h}x{w}")
+    if not isinstance(weight, torch.Tensor):
+        _fail("weight must be a tensor")
+    if not (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2:] == (1, 1))):
+        _fail(f"weight must be [C_out, C_in] or [C_out, C_in, 1, 1], got {_shape(weight)}")
     c_out = weight.shape[0]
-    _check(weight.shape[1] == c_in, f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
-    _check(weight.is_floating_point(), f"weight must be floating point, got {weight.dtype}")
-    _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1,
-           f"stride must be an integer >= 1, got {stride!r}")
-    _check(eps > 0, f"eps must be > 0, got {eps}")
+    if weight.shape[1] != c_in:
+        _fail(f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
+    if not weight.is_floating_point():
+        _fail(f"weight must be floating point, got {weight.dtype}")
+    if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
+        _fail(f"stride must be an integer >= 1, got {stride!r}")
+    if not eps > 0:
+        _fail(f"eps must be > 0, got {eps}")
     h_out, w_out = pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode)
-    _check(h_out >= 1 and w_out >= 1,
-           f"stride={stride} is larger than the input {h}x{w} (pooled size {h_out}x{w_out}); use ceil_mode=True or a smaller stride")
+    if h_out < 1 or w_out < 1:
+        _fail(f"stride={stride} is larger than the input {h}x{w} (pooled size {h_out}x{w_out}); "
+              "use ceil_mode=True or a smaller stride")
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _check(isinstance(t, torch.Tensor) and t.shape == (c_out,),
-                   f"{name} must have shape [C_out]=[{c_out}], got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-            _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}")
-    _check((running_mean is None) == (running_var is None),
-           "running_mean and running_var must be given together or both be None")
-    _check(training or running_mean is not None,
-           "running_mean and running_var are required in eval mode (training=False)")
+        if t is None:
+            continue
+        if not (isinstance(t, torch.Tensor) and t.shape == (c_out,)):
+            _fail(f"{name} must have shape [C_out]=[{c_out}], got {_shape(t) if isinstance(t, torch.Tensor) else repr(t)}")
+        if not t.is_floating_point():
+            _fail(f"{name} must be floating point, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        _fail("running_mean and running_var must be given together or both be None")
+    if not training and running_mean is None:
+        _fail("running_mean and running_var are required in eval mode (training=False)")
     if residual is not None:
-        _check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == (n, c_out, h_out, w_out),
-               f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got "
-               f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-        _check(residual.dtype == x.dtype,
-               f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+        if not (isinstance(residual, torch.Tensor) and residual.shape == (n, c_out, h_out, w_out)):
+            _fail(f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got {_shape(residual)}")
+        if residual.dtype != x.dtype:
+            _fail(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
     for name, t in (("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
-        if t is not None:
-            _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}", RuntimeError)
-    _check(not training or n * h_out * w_out > 1,
-           f"expected more than 1 value per channel when training, got input of size {tuple(x.shape)} "
-           f"(pooled to {h_out}x{w_out})")
+        if t is not None and t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}", RuntimeError)
+    if training and n * h_out * w_out <= 1:
+        _fail(f"expected more than 1 value per channel when training, got input of size {tuple(x.shape)} "
+              f"(pooled to {h_out}x{w_out})")
 
 
 # --- custom ops ------------------------------------------------------------------
+#
+# Two entry points share one forward, one setup_context and one backward formula:
+# - the torch.library custom ops below, with fake kernels and registered autograd, which
+#   torch.compile, fake tensors, torch.func transforms and dispatch modes see;
+# - _EagerProjection, an autograd.Function calling the backends directly, for plain
+#   eager calls. torch.library's Python layers (filling in schema defaults, redispatch,
+#   alias checks) cost about 0.1 ms per forward and backward: as much as the kernels of
+#   a small projection on CPU, and more than them on GPU.
 
-@torch.library.custom_op("hires::projection_forward", mutates_args=())
-def _forward_op(
+
+def _forward_kernels(
     x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
     residual: torch.Tensor | None, mean_in: torch.Tensor | None, var_in: torch.Tensor | None,
     stride: int, ceil_mode: bool, training: bool, eps: float, backend: str,
@@ -96,6 +120,20 @@ def _forward_op(
     kept for backward or empty, mean, var)."""
     return backends.get(backend).forward(
         x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps)
+
+
+def _backward_kernels(
+    grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None,
+    weight: torch.Tensor, bn_weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
+    training: bool, eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
+    return backends.get(backend).backward(
+        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
+
+
+_forward_op = torch.library.custom_op("hires::projection_forward", _forward_kernels, mutates_args=())
+_backward_op = torch.library.custom_op("hires::projection_backward", _backward_kernels, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -111,17 +149,6 @@ def _(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, c
     return out, pooled, y, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("hires::projection_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None,
-    weight: torch.Tensor, bn_weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
-    training: bool, eps: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
-    return backends.get(backend).backward(
-        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
-
-
 @_backward_op.register_fake
 def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps, backend):
     grad_x = grad_out.new_empty((grad_out.shape[0], weight.shape[1], in_h, in_w))
@@ -129,20 +156,26 @@ def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode
             torch.empty_like(mean), torch.empty_like(mean))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, run_backward=_backward_op):
     x, shift, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
     _, pooled, y, mean, var = output
+    # Only `out` has a gradient: the others would otherwise get zero-filled gradients.
+    ctx.mark_non_differentiable(pooled, y, mean, var)
+    ctx.set_materialize_grads(False)
     # Stride 1 saves x itself (no copy) and subtracts the shift again in backward;
     # otherwise the pooled input, already shifted. y is empty unless the backend keeps it.
     ctx.save_for_backward(x if stride == 1 else pooled, y, shift, weight, bn_weight, mean, var)
     ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
+    ctx.run_backward = run_backward
 
 
-def _backward(ctx, grad_out, _grad_pooled, _grad_y, _grad_mean, _grad_var):
+def _backward(ctx, grad_out, *_):
     saved, y, shift, weight, bn_weight, mean, var = ctx.saved_tensors
     stride, ceil_mode, in_h, in_w, training, eps, backend, fmt = ctx.meta
+    if grad_out is None:  # an undefined gradient (gradcheck tests that it is accepted)
+        return (None,) * len(ctx.needs_input_grad)
     grad_out = grad_out.contiguous(memory_format=fmt)
-    grad_x, grad_w, grad_gamma, grad_beta = _backward_op(
+    grad_x, grad_w, grad_gamma, grad_beta = ctx.run_backward(
         grad_out, saved, y if y.numel() else None, shift if stride == 1 else None, weight, bn_weight, mean, var,
         stride, ceil_mode, in_h, in_w, training, eps, backend)
     if not training:
@@ -157,6 +190,30 @@ def _backward(ctx, grad_out, _grad_pooled, _grad_y, _grad_mean, _grad_var):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerProjection(torch.autograd.Function):
+    """The custom op's forward and autograd, calling the kernels directly (see above)."""
+
+    # forward(ctx, ...) rather than a separate setup_context: with one, apply() binds the
+    # arguments through inspect.signature on every call.
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_kernels(*inputs)
+        _setup_context(ctx, inputs, output, run_backward=_backward_kernels)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _is_plain_eager(tensors) -> bool:
+    """Whether nothing but eager autograd will see this call: no tracing or compiling, no
+    torch.func transform, no Python dispatch or function mode, no tensor subclass."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._is_torch_function_mode_enabled()
+                or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None))
 
 
 # --- public op ---------------------------------------------------------------------
@@ -189,7 +246,8 @@ def fused_projection(
     Under ``torch.autocast`` the activations run in the autocast dtype, like the conv
     this op replaces; parameters and statistics stay in float32.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    autocasting = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    if autocasting:
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
         residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
@@ -214,13 +272,14 @@ def fused_projection(
     if not training:
         mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc)
 
-    with torch.autocast(x.device.type, enabled=False):
-        out, _, _, mean, var = _forward_op(
-            x, shift, w, *params, residual, mean_in, var_in, stride, ceil_mode, training, float(eps), name)
+    inputs = (x, shift, w, *params, residual, mean_in, var_in)
+    op = _EagerProjection.apply if _is_plain_eager(inputs) else _forward_op
+    with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        out, _, _, mean, var = op(*inputs, stride, ceil_mode, training, float(eps), name)
 
     if training and running_mean is not None:
         n = out.numel() // out.shape[1]
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_((mean + w_shift).to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+            running_mean.lerp_((mean + w_shift).to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
     return out

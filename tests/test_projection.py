@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hires_kernels
 from hires_kernels.projection import fused_projection, projection_reference
@@ -120,6 +121,34 @@ def test_conv_output_kept_only_where_declared(backend, device, training):
     expected = torch.nn.functional.conv2d(p, inp["weight"][:, :, None, None])
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the ops dispatched to it. While it is active fused_projection must take the
+    torch.library custom op, as under torch.compile or fake tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", [Case(), Case(training=False, layout="channels_last", ceil_mode=True),
+                                  Case(stride=1, residual=False, affine=False)], ids=str)
+def test_eager_path_matches_custom_op(backend, device, case):
+    """Plain eager calls skip torch.library's dispatch (an autograd.Function calls the
+    kernels); the custom op runs the same kernels and must give the same results."""
+    inp = make_inputs(case, torch.float32, device)
+    eager = run(fused_projection, case, inp, backend=backend)
+    assert type(eager[0].grad_fn).__name__ == "_EagerProjectionBackward"
+    with _RecordOps() as mode:
+        dispatched = run(fused_projection, case, inp, backend=backend)
+    assert {"hires.projection_forward", "hires.projection_backward"} <= mode.ops
+    check(errors(eager, dispatched), 1e-6)
 
 
 def test_available_backends_lists_reference():

@@ -26,7 +26,9 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 // Innermost loops run over contiguous channels or columns.
@@ -95,6 +97,31 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int
   else
     at::cpu::addmm_out(c, c, a, b);
   TORCH_CHECK(c.const_data_ptr() == C, "hires_C (cpu): internal error, GEMM output moved");
+}
+
+// Tile buffers of the calling thread, kept from one call to the next. Buffers allocated and
+// freed on every call let glibc hand their pages back to the OS, and the next call faults
+// them in again, zero-filled: on 2 cores that cost up to 1 ms of kernel time per fwd+bwd.
+enum Scratch { kPooledTile, kOutTile, kGradInTile, kGradWeight, kNumScratch };
+
+template <typename T>
+T* thread_scratch(Scratch slot, int64_t n) {
+  struct Block {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Block() { std::free(p); }
+  };
+  thread_local std::array<Block, kNumScratch> blocks;
+  Block& b = blocks[slot];
+  const size_t need = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+  if (b.bytes < need) {
+    std::free(b.p);
+    b.bytes = 0;
+    b.p = std::aligned_alloc(64, need);
+    TORCH_CHECK(b.p != nullptr, "hires_C (cpu): cannot allocate a ", need, "-byte tile buffer");
+    b.bytes = need;
+  }
+  return static_cast<T*>(b.p);
 }
 
 // The logical [rows, T] view of a buffer tensor (allocated [C, tmax] or [tmax, C]).
@@ -340,7 +367,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   const acc_t* shp = shift.const_data_ptr<acc_t>();
   scalar_t* poolp = s > 1 ? pooled.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t ldp = CL ? C_in : tl.tmax, ldy = CL ? C_out : tl.tmax;
-  auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
   const Mat<acc_t> Wm{weight.const_data_ptr<acc_t>(), C_in, false};
   const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
@@ -352,10 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
     const acc_t* mup = mean_in.const_data_ptr<acc_t>();
     const acc_t* scp = scale.const_data_ptr<acc_t>();
     at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-      at::Tensor pb = new_buf(C_in), yb = new_buf(C_out);
       std::vector<acc_t> vrow(W);
-      acc_t* P = pb.mutable_data_ptr<acc_t>();
-      acc_t* Y = yb.mutable_data_ptr<acc_t>();
+      acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
+      acc_t* Y = thread_scratch<acc_t>(kOutTile, C_out * tl.tmax);
       for (int64_t tile = b; tile < e; ++tile) {
         const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
         load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
@@ -375,9 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   at::Tensor mean_acc = at::zeros({nthreads, C_out}, aopt), m2_acc = at::zeros({nthreads, C_out}, aopt);
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
-    at::Tensor pb = new_buf(C_in), yb = CL ? at::Tensor() : new_buf(C_out);
     std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
-    acc_t* P = pb.mutable_data_ptr<acc_t>();
+    acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
+    acc_t* Yb = CL ? nullptr : thread_scratch<acc_t>(kOutTile, C_out * tl.tmax);
     acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
     acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
     for (int64_t tile = b; tile < e; ++tile) {
@@ -385,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
       load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
       if (poolp) store_tile<CL, scalar_t, acc_t>(poolp, nullptr, C_in, Ho, Wo, u0, u1, P, ldp, nullptr, nullptr, nullptr);
       // Position-major y tiles are a block of rows of `y`: the GEMM writes them in place.
-      acc_t* Y = CL ? yp + u0 * Wo * C_out : yb.mutable_data_ptr<acc_t>();
+      acc_t* Y = CL ? yp + u0 * Wo * C_out : Yb;
       gemm<acc_t>(C_out, T, C_in, Wm, Mat<acc_t>{P, ldp, CL}, acc_t(0), Y, ldy, CL);
       if (!CL) store_tile<CL, acc_t, acc_t>(yp, nullptr, C_out, Ho, Wo, u0, u1, Y, ldy, nullptr, nullptr, nullptr);
       const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
@@ -660,7 +685,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(fmt_of(CL)));
   const Tiling tl(N, Ho, Wo);
   const int64_t lde = CL ? C_out : tl.tmax, ldp = CL ? C_in : tl.tmax;
-  auto new_buf = [&](int64_t c) { return CL ? at::empty({tl.tmax, c}, aopt) : at::empty({c, tl.tmax}, aopt); };
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
   // Stride > 1 saves the already-shifted pooled input: subtract nothing.
   const at::Tensor sub = shift.defined() ? shift : at::zeros({C_in}, aopt);
@@ -668,15 +692,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
   const acc_t *alp = ptr(al), *bep = ptr(be), *gap = ptr(ga), *mup = mean.const_data_ptr<acc_t>();
   const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
-  at::Tensor acc = at::zeros({at::get_num_threads(), C_out, C_in}, aopt);
+  // Per-thread partial sums of dW, in the calling thread's scratch: only this call uses it.
+  const int nthreads = at::get_num_threads();
+  acc_t* partial_dw = thread_scratch<acc_t>(kGradWeight, nthreads * C_out * C_in);
+  std::fill(partial_dw, partial_dw + nthreads * C_out * C_in, acc_t(0));
   scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
-    at::Tensor eb = new_buf(C_out), pb = new_buf(C_in), db = new_buf(C_in);
     std::vector<acc_t> vrow(W);
-    acc_t* E = eb.mutable_data_ptr<acc_t>();
-    acc_t* P = pb.mutable_data_ptr<acc_t>();
-    acc_t* D = db.mutable_data_ptr<acc_t>();
-    acc_t* A = acc[at::get_thread_num()].mutable_data_ptr<acc_t>();
+    acc_t* E = thread_scratch<acc_t>(kOutTile, C_out * tl.tmax);
+    acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
+    acc_t* D = thread_scratch<acc_t>(kGradInTile, C_in * tl.tmax);
+    acc_t* A = partial_dw + at::get_thread_num() * C_out * C_in;
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
       dy_tile<CL>(gp, yp, C_out, Ho, Wo, u0, u1, alp, bep, gap, mup, E, lde);
@@ -686,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldp);
     }
   });
-  at::Tensor dW = acc.sum(0);
+  at::Tensor dW = at::from_blob(partial_dw, {nthreads, C_out, C_in}, aopt).sum(0);
   if (!training) {
     // dgamma = rstd sum g (W p - mean), from A = sum g p^T.
     dgamma = rstd * ((weight * dW).sum(1) - mean * dbeta);
