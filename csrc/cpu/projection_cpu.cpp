@@ -265,11 +265,18 @@ void store_tile(scalar_t* dst, const scalar_t* res, int64_t C, int64_t ho, int64
 }
 
 // grad_x for units [u0, u1): each pooled position spreads dp / |window| over its window;
-// rows and columns outside every window (floor mode) get 0. Each element is written once.
+// rows and columns outside every window (floor mode) get 0. Each element is written once:
+// every row of a window holds the same values, so the first is built and copied.
 template <bool CL, typename scalar_t, typename acc_t>
 void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int64_t ho, int64_t wo, int64_t u0,
                   int64_t u1, const acc_t* buf, int64_t ld) {
   const int64_t wcov = std::min(wo * s, W);  // columns inside some window
+  // r0 is row i0 of a window (len elements; rows len apart): copy it to rows up to i1 and
+  // zero rows i1 .. iend, which lie below every window.
+  auto finish_rows = [](scalar_t* r0, int64_t len, int64_t i0, int64_t i1, int64_t iend) {
+    for (int64_t i = i0 + 1; i < i1; ++i) std::copy(r0, r0 + len, r0 + (i - i0) * len);
+    std::fill(r0 + (i1 - i0) * len, r0 + (iend - i0) * len, scalar_t(0));
+  };
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t n = u / ho, oh = u % ho;
     const int64_t i0 = oh * s, i1 = std::min(i0 + s, H), iend = (oh == ho - 1) ? H : i1;
@@ -277,66 +284,45 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
     if (!CL) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t* in = buf + c * ld + (u - u0) * wo;
-        scalar_t* plane = dx + (n * C + c) * H * W;
-        if (s == 2 && wcov == 2 * wo && i1 - i0 == 2) {
-          // Common case: full 2x2 windows. Build the row once, copy it to both rows.
-          scalar_t* r0 = plane + i0 * W;
-          const acc_t k4 = acc_t(0.25);
+        scalar_t* r0 = dx + ((n * C + c) * H + i0) * W;
+        if (s == 1) {
+          HIRES_SIMD
+          for (int64_t j = 0; j < W; ++j) r0[j] = static_cast<scalar_t>(in[j]);
+        } else if (s == 2 && wcov == 2 * wo) {  // 2-column windows: k is a power of two
+          const acc_t k = inv_h * acc_t(0.5);
           HIRES_SIMD
           for (int64_t ow = 0; ow < wo; ++ow) {
-            const scalar_t v = static_cast<scalar_t>(in[ow] * k4);
+            const scalar_t v = static_cast<scalar_t>(in[ow] * k);
             r0[2 * ow] = v;
             r0[2 * ow + 1] = v;
           }
-          std::fill(r0 + wcov, r0 + W, scalar_t(0));
-          std::copy(r0, r0 + W, r0 + W);
-          for (int64_t i = i1; i < iend; ++i) std::fill(plane + i * W, plane + (i + 1) * W, scalar_t(0));
-          continue;
-        }
-        for (int64_t i = i0; i < iend; ++i) {
-          scalar_t* row = plane + i * W;
-          if (i >= i1) {
-            std::fill(row, row + W, scalar_t(0));
-            continue;
-          }
-          if (s == 1) {
-            HIRES_SIMD
-            for (int64_t j = 0; j < W; ++j) row[j] = static_cast<scalar_t>(in[j]);
-            continue;
-          }
+        } else {
           for (int64_t ow = 0; ow < wo; ++ow) {
             const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
-            const scalar_t v = static_cast<scalar_t>(in[ow] * inv_h / static_cast<acc_t>(j1 - j0));
-            HIRES_SIMD
-            for (int64_t j = j0; j < j1; ++j) row[j] = v;
+            std::fill(r0 + j0, r0 + j1, static_cast<scalar_t>(in[ow] * inv_h / static_cast<acc_t>(j1 - j0)));
           }
-          std::fill(row + wcov, row + W, scalar_t(0));
         }
+        std::fill(r0 + wcov, r0 + W, scalar_t(0));
+        finish_rows(r0, W, i0, i1, iend);
       }
     } else {
-      for (int64_t i = i0; i < iend; ++i) {
-        scalar_t* row = dx + (n * H + i) * W * C;
-        if (i >= i1) {
-          std::fill(row, row + W * C, scalar_t(0));
-          continue;
+      scalar_t* r0 = dx + (n * H + i0) * W * C;
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const acc_t* in = buf + ((u - u0) * wo + ow) * ld;
+        const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
+        const acc_t k = inv_h / static_cast<acc_t>(j1 - j0);
+        scalar_t* px = r0 + j0 * C;
+        if (s == 1) {
+          HIRES_SIMD
+          for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c]);
+        } else {
+          HIRES_SIMD
+          for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c] * k);
         }
-        for (int64_t ow = 0; ow < wo; ++ow) {
-          const acc_t* in = buf + ((u - u0) * wo + ow) * ld;
-          const int64_t j0 = ow * s, j1 = std::min(j0 + s, W);
-          const acc_t k = inv_h / static_cast<acc_t>(j1 - j0);
-          for (int64_t j = j0; j < j1; ++j) {
-            scalar_t* px = row + j * C;
-            if (s == 1) {
-              HIRES_SIMD
-              for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c]);
-            } else {
-              HIRES_SIMD
-              for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(in[c] * k);
-            }
-          }
-        }
-        std::fill(row + wcov * C, row + W * C, scalar_t(0));
+        for (int64_t j = j0 + 1; j < j1; ++j) std::copy(px, px + C, r0 + j * C);
       }
+      std::fill(r0 + wcov * C, r0 + W * C, scalar_t(0));
+      finish_rows(r0, W * C, i0, i1, iend);
     }
   }
 }
@@ -694,24 +680,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
   // Per-thread partial sums of dW, in the calling thread's scratch: only this call uses it.
   const int nthreads = at::get_num_threads();
+  // A thread's first tile overwrites its partial (beta 0); a thread without tiles zeroes it.
   acc_t* partial_dw = thread_scratch<acc_t>(kGradWeight, nthreads * C_out * C_in);
-  std::fill(partial_dw, partial_dw + nthreads * C_out * C_in, acc_t(0));
+  std::vector<char> has_tiles(nthreads, 0);
   scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
     std::vector<acc_t> vrow(W);
     acc_t* E = thread_scratch<acc_t>(kOutTile, C_out * tl.tmax);
     acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
     acc_t* D = thread_scratch<acc_t>(kGradInTile, C_in * tl.tmax);
-    acc_t* A = partial_dw + at::get_thread_num() * C_out * C_in;
+    const int tid = at::get_thread_num();
+    acc_t* A = partial_dw + tid * C_out * C_in;
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
       dy_tile<CL>(gp, yp, C_out, Ho, Wo, u0, u1, alp, bep, gap, mup, E, lde);
       load_tile<CL>(sp, C_in, Ho, Wo, 1, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
-      gemm<acc_t>(C_out, C_in, T, Mat<acc_t>{E, lde, CL}, Mat<acc_t>{P, ldp, !CL}, acc_t(1), A, C_in, false);
+      gemm<acc_t>(C_out, C_in, T, Mat<acc_t>{E, lde, CL}, Mat<acc_t>{P, ldp, !CL}, acc_t(has_tiles[tid] ? 1 : 0), A,
+                  C_in, false);
+      has_tiles[tid] = 1;
       gemm<acc_t>(C_in, T, C_out, WdT, Mat<acc_t>{E, lde, CL}, acc_t(0), D, ldp, CL);
       scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldp);
     }
   });
+  for (int i = 0; i < nthreads; ++i) {
+    if (!has_tiles[i]) std::fill(partial_dw + i * C_out * C_in, partial_dw + (i + 1) * C_out * C_in, acc_t(0));
+  }
   at::Tensor dW = at::from_blob(partial_dw, {nthreads, C_out, C_in}, aopt).sum(0);
   if (!training) {
     // dgamma = rstd sum g (W p - mean), from A = sum g p^T.
