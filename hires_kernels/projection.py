@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils._device import DeviceContext
 
 from . import backends
 from .shapes import data_shift, memory_format_of, pooled_size
@@ -62,6 +63,8 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
     if not (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2:] == (1, 1))):
         _fail(f"weight must be [C_out, C_in] or [C_out, C_in, 1, 1], got {_shape(weight)}")
     c_out = weight.shape[0]
+    if c_in == 0 or c_out == 0:
+        _fail(f"no channels: C_in={c_in}, C_out={c_out}")
     if weight.shape[1] != c_in:
         _fail(f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
     if not weight.is_floating_point():
@@ -175,7 +178,10 @@ def _backward(ctx, grad_out, *_):
     if grad_out is None:  # an undefined gradient (gradcheck tests that it is accepted)
         return (None,) * len(ctx.needs_input_grad)
     grad_out = grad_out.contiguous(memory_format=fmt)
-    grad_x, grad_w, grad_gamma, grad_beta = ctx.run_backward(
+    # Under create_graph the custom op runs, which refuses double backward with a clear
+    # error; a direct kernel call would record a wrong or empty graph.
+    run_backward = _backward_op if torch.is_grad_enabled() else ctx.run_backward
+    grad_x, grad_w, grad_gamma, grad_beta = run_backward(
         grad_out, saved, y if y.numel() else None, shift if stride == 1 else None, weight, bn_weight, mean, var,
         stride, ceil_mode, in_h, in_w, training, eps, backend)
     if not training:
@@ -208,12 +214,18 @@ class _EagerProjection(torch.autograd.Function):
 
 def _is_plain_eager(tensors) -> bool:
     """Whether nothing but eager autograd will see this call: no tracing or compiling, no
-    torch.func transform, no Python dispatch or function mode, no tensor subclass."""
+    torch.func transform, no Python dispatch or function mode (but the default-device
+    mode of ``torch.set_default_device``), no tensor subclass."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch._C._are_functorch_transforms_active()
                 or torch._C._len_torch_dispatch_stack() > 0
-                or torch._C._is_torch_function_mode_enabled()
+                or (torch._C._is_torch_function_mode_enabled() and not _only_default_device_modes())
                 or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None))
+
+
+def _only_default_device_modes() -> bool:
+    return all(isinstance(torch._C._get_function_stack_at(i), DeviceContext)
+               for i in range(torch._C._len_torch_function_stack()))
 
 
 # --- public op ---------------------------------------------------------------------
@@ -280,6 +292,6 @@ def fused_projection(
     if training and running_mean is not None:
         n = out.numel() // out.shape[1]
         with torch.no_grad():
-            running_mean.lerp_((mean + w_shift).to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+            running_mean.mul_(1 - momentum).add_((mean + w_shift).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
     return out

@@ -21,6 +21,7 @@ BAD = {
     "x integer": (dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int64)), "x has dtype"),
     "empty batch": (dict(x=torch.randn(0, 4, 6, 6), residual=torch.randn(0, 5, 3, 3)), "empty batch"),
     "weight channels": (dict(weight=torch.randn(5, 3)), "weight has 3 input channels"),
+    "no output channels": (dict(weight=torch.randn(0, 4)), "no channels"),
     "weight kernel": (dict(weight=torch.randn(5, 4, 3, 3)), "weight must be"),
     "stride zero": (dict(stride=0), "stride must be an integer >= 1"),
     "stride float": (dict(stride=1.5), "stride must be an integer >= 1"),

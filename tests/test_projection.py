@@ -151,6 +151,42 @@ def test_eager_path_matches_custom_op(backend, device, case):
     check(errors(eager, dispatched), 1e-6)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_wide_layer_matches_float64_oracle(backend, device, threads):
+    """A wide layer: with 3 threads the CPU backward's per-thread dW partials (13.5 MB)
+    outgrow the scratch it keeps between calls (8 MB) and take a buffer of their own;
+    with 1 thread (4.5 MB) they stay in the scratch."""
+    case = Case(n=2, c_in=1024, c_out=1100, h=4, w=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = run(fused_projection, case, make_inputs(case, torch.float32, device), backend=backend)
+    finally:
+        torch.set_num_threads(before)
+    check(errors(result, oracle(case)), 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_double_backward_is_refused(backend, device):
+    """The op has no second-order formula: differentiating its backward must end in a
+    clear error, not in a wrong or empty gradient."""
+    inp = make_inputs(Case(), torch.float32, device)
+    x = inp["x"].requires_grad_()
+    out = fused_projection(x, inp["weight"], inp["bn_weight"], inp["bn_bias"], None, None, inp["residual"],
+                           stride=2, backend=backend)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad_x.sum().backward()
+
+
+def test_default_device_mode_keeps_eager_path():
+    with torch.device("cpu"):
+        out = fused_projection(torch.randn(2, 3, 4, 4), torch.randn(5, 3).requires_grad_(), None, None, None, None,
+                               stride=2, backend="reference")
+    assert type(out.grad_fn).__name__ == "_EagerProjectionBackward"
+
+
 def test_available_backends_lists_reference():
     assert "reference" in hires_kernels.available_backends()
     assert "reference" in hires_kernels.available_backends("cpu")

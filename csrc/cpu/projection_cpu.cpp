@@ -103,6 +103,9 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int
 // freed on every call let glibc hand their pages back to the OS, and the next call faults
 // them in again, zero-filled: on 2 cores that cost up to 1 ms of kernel time per fwd+bwd.
 enum Scratch { kPooledTile, kOutTile, kGradInTile, kGradWeight, kNumScratch };
+// Tile buffers are bounded (C x ~256 positions); the dW partials (threads x C_out x C_in)
+// are kept only up to this size, so a thread's scratch stays small on wide layers.
+constexpr size_t kMaxKeptPartials = size_t(8) << 20;
 
 template <typename T>
 T* thread_scratch(Scratch slot, int64_t n) {
@@ -678,10 +681,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
   const acc_t *alp = ptr(al), *bep = ptr(be), *gap = ptr(ga), *mup = mean.const_data_ptr<acc_t>();
   const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
-  // Per-thread partial sums of dW, in the calling thread's scratch: only this call uses it.
+  // Per-thread partial sums of dW, in the calling thread's scratch (only this call uses it)
+  // or, when large, a buffer of this call. A thread's first tile overwrites its partial
+  // (beta 0); a thread without tiles zeroes it.
   const int nthreads = at::get_num_threads();
-  // A thread's first tile overwrites its partial (beta 0); a thread without tiles zeroes it.
-  acc_t* partial_dw = thread_scratch<acc_t>(kGradWeight, nthreads * C_out * C_in);
+  const int64_t dw_elems = nthreads * C_out * C_in;
+  const at::Tensor dw_buf = dw_elems * sizeof(acc_t) > kMaxKeptPartials ? at::empty({dw_elems}, aopt) : at::Tensor();
+  acc_t* partial_dw = dw_buf.defined() ? dw_buf.mutable_data_ptr<acc_t>() : thread_scratch<acc_t>(kGradWeight, dw_elems);
   std::vector<char> has_tiles(nthreads, 0);
   scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
