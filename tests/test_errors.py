@@ -22,6 +22,7 @@ BAD = {
     "empty batch": (dict(x=torch.randn(0, 4, 6, 6), residual=torch.randn(0, 5, 3, 3)), "empty batch"),
     "weight channels": (dict(weight=torch.randn(5, 3)), "weight has 3 input channels"),
     "no output channels": (dict(weight=torch.randn(0, 4)), "no channels"),
+    "no input channels": (dict(x=torch.randn(2, 0, 6, 6), weight=torch.randn(5, 0)), "no channels"),
     "weight kernel": (dict(weight=torch.randn(5, 4, 3, 3)), "weight must be"),
     "stride zero": (dict(stride=0), "stride must be an integer >= 1"),
     "stride float": (dict(stride=1.5), "stride must be an integer >= 1"),

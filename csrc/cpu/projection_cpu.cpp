@@ -127,12 +127,6 @@ T* thread_scratch(Scratch slot, int64_t n) {
   return static_cast<T*>(b.p);
 }
 
-// The logical [rows, T] view of a buffer tensor (allocated [C, tmax] or [tmax, C]).
-template <bool CL>
-at::Tensor logical(const at::Tensor& buf, int64_t c0, int64_t nc, int64_t t) {
-  return CL ? buf.narrow(0, 0, t).narrow(1, c0, nc).t() : buf.narrow(0, c0, nc).narrow(1, 0, t);
-}
-
 // Loads pooled-and-shifted activations of units [u0, u1) of `src` ([N, C, H, W], this
 // layout) into channels [c_off, c_off + C) of a tile buffer:
 //   dst(c, t) = mean over the window of (src - shift[c]).
