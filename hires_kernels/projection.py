@@ -105,13 +105,14 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
 
 # --- custom ops ------------------------------------------------------------------
 #
-# Two entry points share one forward, one setup_context and one backward formula:
+# Three entry points share one forward, one setup_context and one backward formula:
 # - the torch.library custom ops below, with fake kernels and registered autograd, which
-#   torch.compile, fake tensors, torch.func transforms and dispatch modes see;
+#   torch.compile, fake tensors and dispatch modes see;
 # - _EagerProjection, an autograd.Function calling the backends directly, for plain
 #   eager calls. torch.library's Python layers (filling in schema defaults, redispatch,
 #   alias checks) cost about 0.1 ms per forward and backward: as much as the kernels of
-#   a small projection on CPU, and more than them on GPU.
+#   a small projection on CPU, and more than them on GPU;
+# - _FunctorchProjection, an autograd.Function around the custom op, for torch.func.
 
 
 def _forward_kernels(
@@ -159,7 +160,7 @@ def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode
             torch.empty_like(mean), torch.empty_like(mean))
 
 
-def _setup_context(ctx, inputs, output, run_backward=_backward_op):
+def _setup_context(ctx, inputs, output, direct=False):
     x, shift, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
     _, pooled, y, mean, var = output
     # Only `out` has a gradient: the others would otherwise get zero-filled gradients.
@@ -169,7 +170,7 @@ def _setup_context(ctx, inputs, output, run_backward=_backward_op):
     # otherwise the pooled input, already shifted. y is empty unless the backend keeps it.
     ctx.save_for_backward(x if stride == 1 else pooled, y, shift, weight, bn_weight, mean, var)
     ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
-    ctx.run_backward = run_backward
+    ctx.direct = direct  # whether backward may call the kernels rather than the custom op
 
 
 def _backward(ctx, grad_out, *_):
@@ -178,9 +179,15 @@ def _backward(ctx, grad_out, *_):
     if grad_out is None:  # an undefined gradient (gradcheck tests that it is accepted)
         return (None,) * len(ctx.needs_input_grad)
     grad_out = grad_out.contiguous(memory_format=fmt)
-    # Under create_graph the custom op runs, which refuses double backward with a clear
-    # error; a direct kernel call would record a wrong or empty graph.
-    run_backward = _backward_op if torch.is_grad_enabled() else ctx.run_backward
+    # Under create_graph (always so inside torch.func) the backward must refuse to be
+    # differentiated with a clear error: a direct kernel call would record a wrong or
+    # empty graph. The custom op does so, but eager torch.func needs a Function of ours.
+    if ctx.direct and not torch.is_grad_enabled():
+        run_backward = _backward_kernels
+    elif torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        run_backward = _FunctorchBackward.apply
+    else:
+        run_backward = torch.ops.hires.projection_backward.default  # an OpOverload, which dynamo traces
     grad_x, grad_w, grad_gamma, grad_beta = run_backward(
         grad_out, saved, y if y.numel() else None, shift if stride == 1 else None, weight, bn_weight, mean, var,
         stride, ceil_mode, in_h, in_w, training, eps, backend)
@@ -206,10 +213,40 @@ class _EagerProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = _forward_kernels(*inputs)
-        _setup_context(ctx, inputs, output, run_backward=_backward_kernels)
+        _setup_context(ctx, inputs, output, direct=True)
         return output
 
     backward = staticmethod(_backward)
+
+
+class _FunctorchProjection(torch.autograd.Function):
+    """The custom op under torch.func transforms (grad, vjp), which need an
+    autograd.Function with a separate setup_context: the one torch.library generates for
+    a custom op has none (pytorch/pytorch#168393)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.hires.projection_forward.default(*inputs)  # an OpOverload, which dynamo traces
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+class _FunctorchBackward(torch.autograd.Function):
+    """The backward kernels under torch.func transforms, refusing double backward."""
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.hires.projection_backward.default(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fused_projection: its backward has no autograd formula (double backward, "
+                           "e.g. nested torch.func.grad, is not supported)")
 
 
 def _is_plain_eager(tensors) -> bool:
@@ -285,7 +322,12 @@ def fused_projection(
         mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc)
 
     inputs = (x, shift, w, *params, residual, mean_in, var_in)
-    op = _EagerProjection.apply if _is_plain_eager(inputs) else _forward_op
+    if _is_plain_eager(inputs):
+        op = _EagerProjection.apply
+    elif torch._C._are_functorch_transforms_active():
+        op = _FunctorchProjection.apply
+    else:
+        op = _forward_op
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         out, _, _, mean, var = op(*inputs, stride, ceil_mode, training, float(eps), name)
 

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hires_kernels
 from hires_kernels.projection import fused_projection, projection_reference
-from projection_cases import CASES, Case, backend_params, eager_lowp, errors, make_inputs, oracle, run
+from projection_cases import CASES, Case, backend_params, eager_lowp, errors, make_inputs, oracle, rel_err, run
 
 BACKENDS = backend_params()
 
@@ -178,6 +178,48 @@ def test_double_backward_is_refused(backend, device):
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_x.sum().backward()
+
+
+def _func_grads(fn, case, inp, **kwargs):
+    """torch.func.grad of <fn(...), grad> with respect to x, weight, bn_weight and bn_bias."""
+    def loss(x, weight, bn_weight, bn_bias):
+        rm = inp["running_mean"].clone() if inp["running_mean"] is not None else None
+        rv = inp["running_var"].clone() if inp["running_var"] is not None else None
+        out = fn(x, weight, bn_weight, bn_bias, rm, rv, inp["residual"], stride=case.stride,
+                 training=case.training, ceil_mode=case.ceil_mode, **kwargs)
+        return (out * inp["grad"]).sum()
+    return torch.func.grad(loss, argnums=(0, 1, 2, 3))(inp["x"], inp["weight"], inp["bn_weight"], inp["bn_bias"])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", [Case(), Case(training=False, ceil_mode=True), Case(stride=1)], ids=str)
+def test_torch_func_grad_matches_reference(backend, device, case):
+    """torch.func.grad works through the op (torch.library's own autograd for custom ops
+    does not support it: pytorch/pytorch#168393) and gives the reference's gradients."""
+    dtype = torch.float64 if torch.float64 in hires_kernels.backends.get(backend).DTYPES else torch.float32
+    inp = make_inputs(case, dtype, device)
+    got = _func_grads(fused_projection, case, inp, backend=backend)
+    expected = _func_grads(projection_reference, case, {k: v if v is None else v.double() for k, v in inp.items()})
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) < (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nested_torch_func_grad_is_refused(backend, device):
+    inp = make_inputs(Case(), torch.float32, device)
+
+    def loss(x):
+        return fused_projection(x, inp["weight"], None, None, None, None, stride=2, backend=backend).square().sum()
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.func.grad(lambda x: torch.func.grad(loss)(x).sum())(inp["x"])
+
+
+def test_compiled_torch_func_grad():
+    case = Case()
+    inp = make_inputs(case, torch.float64)
+    compiled = torch.compile(lambda *a: _func_grads(fused_projection, case, inp, backend="cpu"), fullgraph=True)
+    for g, e in zip(compiled(), _func_grads(projection_reference, case, inp)):
+        torch.testing.assert_close(g, e)
 
 
 def test_default_device_mode_keeps_eager_path():
