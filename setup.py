@@ -40,7 +40,7 @@ def extension():
     with_cuda, why = cuda_build_reason()
     if with_cuda:
         print(f"hires-kernels: building CPU + CUDA kernels ({why})")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DHIRES_WITH_CUDA"]
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DHIRES_WITH_CUDA"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension(

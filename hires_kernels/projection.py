@@ -301,7 +301,7 @@ def fused_projection(
         x = x.to(dtype)
         residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
     _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
-    name = backends.resolve_backend(backend, x.device)
+    name = backends.resolve_backend(backend, x.device, x.dtype)
     module = backends.get(name)
     if x.dtype not in module.DTYPES:
         raise RuntimeError(f"fused_projection: backend {name!r} does not support dtype {x.dtype}")
@@ -319,7 +319,7 @@ def fused_projection(
     w_shift = w.detach() @ shift
     mean_in = var_in = None
     if not training:
-        mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc)
+        mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc).contiguous()
 
     inputs = (x, shift, w, *params, residual, mean_in, var_in)
     if _is_plain_eager(inputs):

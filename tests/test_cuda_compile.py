@@ -76,7 +76,7 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
     cmd = [
         NVCC, "-c", source, "-o", str(tmp_path / (os.path.basename(source) + ".o")),
         # what setup.py asks for
-        "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DHIRES_WITH_CUDA",
+        "-O3", "-std=c++17", "-lineinfo", "-DHIRES_WITH_CUDA",
         "-gencode", "arch=compute_90,code=sm_90",
         # what torch's CUDAExtension adds (COMMON_NVCC_FLAGS and the extension defines)
         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",

@@ -73,3 +73,11 @@ def test_module_rejects_bad_input_without_counting_a_batch():
         assert torch.equal(v, state[k]), f"{k} changed by a rejected call"
     with pytest.raises(ValueError, match="stride must be >= 1"):
         HierarchicalProjection(4, 5, stride=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.hires_C, "projection_forward"), reason="the C++ extension is not built")
+def test_kernels_called_directly_reject_a_stride_larger_than_the_input():
+    """Floor mode pools a 1-row input with stride 2 to 0 rows (as ATen), not to 1."""
+    x, w = torch.randn(1, 4, 1, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="stride 2 is larger than the input 1x4"):
+        torch.ops.hires_C.projection_forward(x, torch.zeros(4), w, None, None, None, None, None, 2, False, True, 1e-5)

@@ -229,6 +229,49 @@ def test_default_device_mode_keeps_eager_path():
     assert type(out.grad_fn).__name__ == "_EagerProjectionBackward"
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_running_stats_in_eval(backend, device):
+    """Running statistics may be views (e.g. slices of a larger buffer), as F.batch_norm allows."""
+    inp = make_inputs(Case(training=False), torch.float32, device)
+    rm, rv = (torch.stack([t, t], 1)[:, 0] for t in (inp["running_mean"], inp["running_var"]))
+    assert not rv.is_contiguous()
+    args = (inp["x"], inp["weight"], inp["bn_weight"], inp["bn_bias"])
+    out = fused_projection(*args, rm, rv, stride=2, training=False, backend=backend)
+    expected = projection_reference(*args, rm.clone(), rv.clone(), stride=2, training=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_skips_backends_without_the_dtype(monkeypatch):
+    """float64 on a device whose fastest backend has no float64 kernels (triton) falls
+    back to one that has them instead of failing."""
+    from hires_kernels import backends
+
+    monkeypatch.setitem(backends._PREFERENCE, "cpu", ("triton", "reference"))
+    backends._resolve_cached.cache_clear()
+    try:
+        assert backends.resolve_backend(None, torch.device("cpu"), torch.float64) == "reference"
+        if backends.unavailable_reason("triton", "cpu") is None:
+            assert backends.resolve_backend(None, torch.device("cpu"), torch.float32) == "triton"
+    finally:
+        backends._resolve_cached.cache_clear()
+
+
+def test_triton_reads_tf32_flag_of_either_api():
+    """torch >= 2.9 raises on reading the legacy allow_tf32 once fp32_precision is set."""
+    triton_backend = pytest.importorskip("hires_kernels.backends.triton")
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flag")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert triton_backend._tf32_allowed()
+        matmul.fp32_precision = "ieee"
+        assert not triton_backend._tf32_allowed()
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_available_backends_lists_reference():
     assert "reference" in hires_kernels.available_backends()
     assert "reference" in hires_kernels.available_backends("cpu")

@@ -31,17 +31,12 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../shapes.h"
+
 // Innermost loops run over contiguous channels or columns.
 #define HIRES_SIMD _Pragma("omp simd")
 
 namespace {
-
-int64_t pooled_size(int64_t size, int64_t s, bool ceil_mode) {
-  if (s == 1) return size;
-  int64_t out = (size - s + (ceil_mode ? s - 1 : 0)) / s + 1;
-  if (ceil_mode && (out - 1) * s >= size) out -= 1;
-  return out;
-}
 
 bool is_channels_last(const at::Tensor& t) {
   if (t.is_contiguous()) return false;
@@ -487,6 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projectio
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_.size(1) && weight.is_contiguous(),
               "hires_C (cpu): weight must be a contiguous [C_out, C_in] matrix, got ", weight.sizes());
   TORCH_CHECK(stride >= 1, "hires_C (cpu): stride must be >= 1");
+  TORCH_CHECK(pooled_size(x_.size(2), stride, ceil_mode) >= 1 && pooled_size(x_.size(3), stride, ceil_mode) >= 1,
+              "hires_C (cpu): stride ", stride, " is larger than the input ", x_.size(2), "x", x_.size(3));
   const bool cl = is_channels_last(x_);
   const auto acc = weight.scalar_type();
   TORCH_CHECK(acc == (x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),

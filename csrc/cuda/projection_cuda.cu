@@ -66,6 +66,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../shapes.h"
+
 namespace hires_cuda {
 
 constexpr int T = 64;          // tile rows and columns
@@ -530,13 +532,6 @@ __global__ void dw_reduce_kernel(const acc_t* ws, int64_t splits, int64_t numel,
 // ---------------------------------------------------------------------------------
 // Host side.
 
-int64_t pooled_size(int64_t size, int64_t stride, bool ceil_mode) {  // = hires_kernels.shapes.pooled_size
-  if (stride == 1) return size;
-  int64_t out = (size - stride + (ceil_mode ? stride - 1 : 0)) / stride + 1;
-  if (ceil_mode && (out - 1) * stride >= size) out -= 1;
-  return out;
-}
-
 at::MemoryFormat memory_format_of(const at::Tensor& t) {  // = hires_kernels.shapes.memory_format_of
   if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
@@ -594,11 +589,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projectio
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type_of(x.scalar_type());
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C_in && weight.scalar_type() == acc && weight.is_contiguous(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C_in && weight.scalar_type() == acc && weight.is_contiguous() &&
+                  weight.device() == x.device(),
+              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", x.device());
   const int64_t C_out = weight.size(0);
-  TORCH_CHECK(shift.scalar_type() == acc && shift.is_contiguous() && shift.numel() == C_in,
-              "hires_C (cuda): shift must be a contiguous [C_in] ", acc, " tensor");
+  check_param(shift, "shift", acc, C_in, x);
   check_param(bn_weight, "bn_weight", acc, C_out, x);
   check_param(bn_bias, "bn_bias", acc, C_out, x);
   check_param(mean_in, "mean_in", acc, C_out, x);
@@ -689,8 +684,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_c
   const int64_t N = grad_out.size(0), C_out = grad_out.size(1), Ho = grad_out.size(2), Wo = grad_out.size(3);
   TORCH_CHECK(Ho == pooled_size(in_h, stride, ceil_mode) && Wo == pooled_size(in_w, stride, ceil_mode),
               "hires_C (cuda): grad_out's spatial size does not match in_h, in_w, stride, ceil_mode");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C_out && weight.scalar_type() == acc && weight.is_contiguous(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C_out && weight.scalar_type() == acc && weight.is_contiguous() &&
+                  weight.device() == grad_out.device(),
+              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", grad_out.device());
   const int64_t C_in = weight.size(1);
   TORCH_CHECK(saved.dim() == 4 && saved.size(0) == N && saved.size(1) == C_in && saved.size(2) == Ho &&
                   saved.size(3) == Wo && saved.scalar_type() == grad_out.scalar_type() &&

@@ -70,24 +70,25 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [n for n in BACKENDS if any(unavailable_reason(n, d) is None for d in devices)]
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that will run: ``requested``, else ``$HIRES_BACKEND``, else the
-    fastest available for ``device``. An explicit choice that cannot run is an error."""
-    return _resolve(requested, os.environ.get(ENV_VAR), device.type)
+    fastest available for ``device`` (and ``dtype``, when given). An explicit choice
+    that cannot run is an error."""
+    return _resolve(requested, os.environ.get(ENV_VAR), device.type, dtype)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested: str | None, env: str | None, device_type: str) -> str:
-    return _resolve_cached(requested, env, device_type)
+def _resolve(requested: str | None, env: str | None, device_type: str, dtype: torch.dtype | None) -> str:
+    return _resolve_cached(requested, env, device_type, dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_cached(requested: str | None, env: str | None, device_type: str) -> str:
+def _resolve_cached(requested: str | None, env: str | None, device_type: str, dtype: torch.dtype | None) -> str:
     device = torch.device(device_type)
     name = requested or env or "auto"
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is None and (dtype is None or dtype in _module(candidate).DTYPES):
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device)

@@ -58,7 +58,11 @@ tensor-core MMA, float32 "ieee" dots to FFMA. ptxas reports (bf16, stride 2, str
 not specialised): 32x64x32 tiles / 4 warps: fwd 240 regs, no spill, bwd B <= 40 B spill;
 64x64x{32,64} tiles: fwd spills ~0.5 KB, bwd B 0.2-0.5 KB; 64x128x64 / 8 warps: 0.7-0.8 KB.
 Pressure comes from the s*s unrolled window loads (a 64-bit address and a predicate per
-element each). Tuning leads for issue 4, largest expected gain first:
+element each). Those loads are software-pipelined through shared memory, s*s tiles per
+stage: ``_num_stages`` keeps that under the H100's 227 KB (with triton's default of 3
+stages, stride 8 needs 266-545 KB and fails at launch). Checked by compiling
+``_fwd_kernel`` for sm_90 at strides 2-16, bf16/fp16/fp32, NCHW and channels_last:
+at most 152 KB. Tuning leads for issue 4, largest expected gain first:
   - forward kernel 1 re-pools x once per co-block (C_out / 64 times; L2 hits at best):
     hold the pooled tile in shared memory / loop co-blocks inside the program;
   - bigger BLOCK_M with fewer spills: load windows as [BLOCK_M, s, BLOCK_CI] or with
@@ -72,6 +76,8 @@ element each). Tuning leads for issue 4, largest expected gain first:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -366,11 +372,43 @@ def _blocks(m: int, c_in: int, c_out: int):
     return block_m, block_co, block_ci, num_warps
 
 
+# Shared memory the pipelined pooling loads may take, of the 227 KB an H100 block can
+# use: the rest holds the dot operands.
+_PIPELINE_SMEM = 160 * 1024
+
+
+def _num_stages(stride: int, block_m: int, block_ci: int, block_co: int, esize: int) -> int:
+    """Software-pipelining depth of a kernel that pools while loading. Each stage past
+    the first buffers the stride^2 window tiles of one C_in block (and a weight tile) in
+    shared memory: at stride 8 in float32 one stage is 270 KB, over the H100's limit, and
+    Triton's default of 3 stages fails at launch (OutOfResources) for stride 8 in any dtype."""
+    per_stage = stride * stride * block_m * block_ci * esize + block_ci * block_co * 4
+    return max(1, min(3, 1 + _PIPELINE_SMEM // per_stage))
+
+
+def _tf32_allowed() -> bool:
+    """torch's float32 matmul precision flag. Since torch 2.9, reading the legacy
+    ``allow_tf32`` raises once the new ``fp32_precision`` API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
+def _on_tensor_device(fn):
+    """Triton launches on the current CUDA device and stream: make that device the one
+    the tensors (the first argument) live on."""
+    @functools.wraps(fn)
+    def wrapper(t, *args):
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+            return fn(t, *args)
+    return wrapper
+
+
 def _dot_config(dtype: torch.dtype, device: torch.device):
     """(ACT, EMU, PRECISION) constexprs for the activations' dtype."""
     emu = device.type == "cpu"  # the interpreter
     if dtype == torch.float32:
-        return dict(ACT=tl.float32, EMU=emu, PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+        return dict(ACT=tl.float32, EMU=emu, PRECISION="tf32" if _tf32_allowed() else "ieee")
     act = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
     return dict(ACT=act, EMU=emu, PRECISION="ieee" if emu else "tf32")
 
@@ -385,6 +423,7 @@ def _num_sms(device) -> int:
     return 132
 
 
+@_on_tensor_device
 def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, stride, ceil_mode, training, eps):
     if x.dtype not in DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
@@ -395,8 +434,8 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     fmt = memory_format_of(x)
     dev = x.device
     acc = torch.float32
-    out = torch.empty((n, c_out, ho, wo), device=dev, dtype=x.dtype).contiguous(memory_format=fmt)
-    pooled = (torch.empty((n, c_in, ho, wo), device=dev, dtype=x.dtype).contiguous(memory_format=fmt)
+    out = torch.empty((n, c_out, ho, wo), device=dev, dtype=x.dtype, memory_format=fmt)
+    pooled = (torch.empty((n, c_in, ho, wo), device=dev, dtype=x.dtype, memory_format=fmt)
               if stride > 1 else x.new_empty(0))
     shift = shift.to(acc).contiguous()
     weight = weight.to(acc).contiguous()
@@ -407,7 +446,8 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     pstr = _strides(pooled) if stride > 1 else (0, 0, 0, 0)
     dummy = weight
     common = dict(STRIDE=stride, **dot, INT64=max(x.numel(), out.numel()) >= 2**31,
-                  BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps)
+                  BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps,
+                  num_stages=_num_stages(stride, block_m, block_ci, block_co, x.element_size()))
     has_res = residual is not None
     res = residual if has_res else out
     beta = bn_bias.to(acc).contiguous() if bn_bias is not None else dummy
@@ -440,6 +480,7 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     else:
         src, sub, src_stride, hs, ws = x, True, stride, h, w
     common["STRIDE"] = src_stride
+    common["num_stages"] = _num_stages(src_stride, block_m, block_ci, block_co, x.element_size())
     _fwd_kernel[grid](
         src, *_strides(src), shift, weight,
         pooled if stride > 1 else x, *pstr,
@@ -452,6 +493,7 @@ def forward(x, shift, weight, bn_weight, bn_bias, residual, mean_in, var_in, str
     return out, pooled, weight.new_empty(0), mean, var
 
 
+@_on_tensor_device
 def backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
     if grad_out.dtype not in DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {grad_out.dtype}")
@@ -489,7 +531,7 @@ def backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ce
     a = (dbeta / m).contiguous()
     b = (dgamma / m).contiguous()
 
-    grad_x = torch.empty((n, c_in, in_h, in_w), device=dev, dtype=grad_out.dtype).contiguous(memory_format=fmt)
+    grad_x = torch.empty((n, c_in, in_h, in_w), device=dev, dtype=grad_out.dtype, memory_format=fmt)
     if stride > 1:  # floor mode: trailing rows/columns outside every window get 0
         if ho * stride < in_h:
             grad_x[:, :, ho * stride:, :].zero_()
