@@ -8,6 +8,7 @@ extension is built against the torch you run.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -34,6 +35,15 @@ def cuda_build_reason():
     return possible, why
 
 
+def link_args():
+    """-fopenmp, and on Linux ``--exclude-libs,ALL``: a toolchain that links libstdc++
+    statically (seen on a GPU image whose g++ does) would otherwise export that copy's
+    symbols, and Python's ``-Bsymbolic-functions`` binds its functions locally while its
+    data (the locale facets' ids) resolve to the libstdc++ torch loaded: formatting a
+    number in an error message then crashes. Hidden, the copy stays self-consistent."""
+    return ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
@@ -46,10 +56,10 @@ def extension():
         return CUDAExtension(
             "hires_kernels._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx + ["-DHIRES_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=link_args())
     print(f"hires-kernels: building CPU kernels only ({why})")
     return CppExtension("hires_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=link_args())
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
