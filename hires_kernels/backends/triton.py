@@ -55,7 +55,8 @@ GPU status (one H200, triton 3.6, 2026-11-30; BENCHMARKS.md "GPU results"): ever
 passes on CUDA tensors. bf16 channels_last fwd+bwd at N=256 takes 0.27-0.45 ms of GPU
 time (CUDA-graph replay) but 1.8-2.3 ms per call end to end: the host side (about a
 dozen small torch ops plus the launches) dominates, so folding those into the kernels
-is the first lead, before the tile-level ones below. All kernels compile for sm_90 with triton 3.7 (ptxas via
+is the first lead, before the tile-level ones below.
+All kernels compile for sm_90 with triton 3.7 (ptxas via
 triton.compile(ASTSource, target=GPUTarget("cuda", 90, 32))); bf16 dots lower to
 tensor-core MMA, float32 "ieee" dots to FFMA. ptxas reports (bf16, stride 2, strides
 not specialised): 32x64x32 tiles / 4 warps: fwd 240 regs, no spill, bwd B <= 40 B spill;
