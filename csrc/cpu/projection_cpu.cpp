@@ -31,20 +31,12 @@
 #include <cstdlib>
 #include <vector>
 
-#include "../shapes.h"
+#include "../projection_args.h"
 
 // Innermost loops run over contiguous channels or columns.
 #define HIRES_SIMD _Pragma("omp simd")
 
 namespace {
-
-bool is_channels_last(const at::Tensor& t) {
-  if (t.is_contiguous()) return false;
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "hires_C (cpu): expected a dense NCHW or channels_last tensor, got sizes ", t.sizes(),
-              " strides ", t.strides());
-  return true;
-}
 
 at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
 
@@ -319,10 +311,6 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
   }
 }
 
-at::Tensor opt_or(const c10::optional<at::Tensor>& t, const at::Tensor& dflt) {
-  return (t.has_value() && t->defined()) ? *t : dflt;
-}
-
 // ------------------------------------------------------------------------------------
 // Forward
 
@@ -470,53 +458,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   return {out, pooled, y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cpu(
-    const at::Tensor& x_, const at::Tensor& shift, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
-    const c10::optional<at::Tensor>& bn_bias, const c10::optional<at::Tensor>& residual_,
-    const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in, int64_t stride, bool ceil_mode,
-    bool training, double eps) {
+// shift[c] = mean of x's first pooling window in channel c (0 where not finite, so a NaN
+// or Inf stays where it is instead of spreading); hires_kernels/shapes.py's data_shift.
+template <typename scalar_t, typename acc_t>
+void data_shift(const at::Tensor& x, int64_t s, acc_t* shift) {
+  const int64_t C = x.size(1), hs = std::min(s, x.size(2)), ws = std::min(s, x.size(3));
+  const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t sum = 0;
+    for (int64_t i = 0; i < hs; ++i)
+      for (int64_t j = 0; j < ws; ++j) sum += static_cast<acc_t>(xp[c * sc + i * sh + j * sw]);
+    const acc_t m = sum / static_cast<acc_t>(hs * ws);
+    shift[c] = std::isfinite(m) ? m : acc_t(0);
+  }
+}
+
+// w_shift[c] = sum_k W[c, k] shift[k]: the statistics of W (p - shift) are those of W p
+// moved by it.
+template <typename acc_t>
+std::vector<acc_t> weight_times(const at::Tensor& weight, const acc_t* shift) {
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  std::vector<acc_t> r(C_out);
+  for (int64_t c = 0; c < C_out; ++c) {
+    acc_t sum = 0;
+    for (int64_t k = 0; k < C_in; ++k) sum += w[c * C_in + k] * shift[k];
+    r[c] = sum;
+  }
+  return r;
+}
+
+// The momentum update of F.batch_norm, with the unbiased batch variance.
+template <typename acc_t>
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const acc_t* mean,
+                          const std::vector<acc_t>& w_shift, const acc_t* var, int64_t M, double momentum) {
+  const int64_t C = running_mean.numel();
+  const double unbias = static_cast<double>(M) / static_cast<double>(M - 1);
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  if (running_mean.is_contiguous() && running_var.is_contiguous() && running_mean.scalar_type() == acc &&
+      running_var.scalar_type() == acc) {
+    acc_t* rm = running_mean.mutable_data_ptr<acc_t>();
+    acc_t* rv = running_var.mutable_data_ptr<acc_t>();
+    const acc_t keep = static_cast<acc_t>(1 - momentum), take = static_cast<acc_t>(momentum);
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = rm[c] * keep + (mean[c] + w_shift[c]) * take;
+      rv[c] = rv[c] * keep + static_cast<acc_t>(var[c] * unbias) * take;
+    }
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(acc);
+  std::vector<acc_t> m(C), v(C);
+  for (int64_t c = 0; c < C; ++c) {
+    m[c] = mean[c] + w_shift[c];
+    v[c] = static_cast<acc_t>(var[c] * unbias);
+  }
+  hires::update_running_stat(running_mean, at::from_blob(m.data(), {C}, opt), momentum);
+  hires::update_running_stat(running_var, at::from_blob(v.data(), {C}, opt), momentum);
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult projection_cpu(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
+                             const c10::optional<at::Tensor>& bn_bias, const c10::optional<at::Tensor>& running_mean_,
+                             const c10::optional<at::Tensor>& running_var_, const c10::optional<at::Tensor>& residual_,
+                             int64_t stride, bool ceil_mode, bool training, double momentum, double eps) {
+  const at::Tensor& running_mean = hires::value_or_undefined(running_mean_);
+  const at::Tensor& running_var = hires::value_or_undefined(running_var_);
+  hires::check_forward(x_, weight_, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
+                       running_mean, running_var, hires::value_or_undefined(residual_), stride, ceil_mode, training,
+                       eps);
   at::AutoDispatchBelowADInplaceOrView guard;
-  // Worker threads do not inherit the dispatch guard: no input may carry autograd state.
-  const at::Tensor weight = weight_.detach();
-  TORCH_CHECK(x_.dim() == 4, "hires_C (cpu): x must be 4-D [N, C_in, H, W], got ", x_.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_.size(1) && weight.is_contiguous(),
-              "hires_C (cpu): weight must be a contiguous [C_out, C_in] matrix, got ", weight.sizes());
-  TORCH_CHECK(stride >= 1, "hires_C (cpu): stride must be >= 1");
-  TORCH_CHECK(pooled_size(x_.size(2), stride, ceil_mode) >= 1 && pooled_size(x_.size(3), stride, ceil_mode) >= 1,
-              "hires_C (cpu): stride ", stride, " is larger than the input ", x_.size(2), "x", x_.size(3));
-  const bool cl = is_channels_last(x_);
-  const auto acc = weight.scalar_type();
-  TORCH_CHECK(acc == (x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-              "hires_C (cpu): weight must be in the accumulation dtype, got ", acc, " for x of ", x_.scalar_type());
-  const int64_t C_in = x_.size(1), C_out = weight.size(0);
-  auto param = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.numel() == t.size(0) && t.dim() == 1, "hires_C (cpu): ", name, " must be 1-D, got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == acc, "hires_C (cpu): ", name, " must have dtype ", acc, ", got ", t.scalar_type());
-    return t.contiguous();
-  };
-  TORCH_CHECK(shift.numel() == C_in, "hires_C (cpu): shift must have C_in=", C_in, " elements");
-  at::Tensor sh = param(shift, "shift");
-  at::Tensor gamma = param(opt_or(bn_weight, at::ones({C_out}, weight.options())), "bn_weight");
-  at::Tensor beta = param(opt_or(bn_bias, at::zeros({C_out}, weight.options())), "bn_bias");
-  at::Tensor residual = opt_or(residual_, at::Tensor());
-  if (residual.defined()) {
-    TORCH_CHECK(residual.dim() == 4 && residual.size(1) == C_out && residual.scalar_type() == x_.scalar_type(),
-                "hires_C (cpu): residual must be [N, C_out, H', W'] in x's dtype, got ", residual.sizes());
-    residual = residual.contiguous(fmt_of(cl));
-  }
-  at::Tensor mi, vi;
-  if (!training) {
-    TORCH_CHECK(mean_in.has_value() && var_in.has_value() && mean_in->defined() && var_in->defined(),
-                "hires_C (cpu): eval mode needs mean_in and var_in");
-    mi = param(*mean_in, "mean_in");
-    vi = param(*var_in, "var_in");
-  }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_.scalar_type(), "projection_forward_cpu", [&] {
-    if (cl)
-      result = forward_impl<scalar_t, true>(x_, sh, weight, gamma, beta, residual, mi, vi, stride, ceil_mode, training, eps);
-    else
-      result = forward_impl<scalar_t, false>(x_, sh, weight, gamma, beta, residual, mi, vi, stride, ceil_mode, training, eps);
+  const auto no_autocast = hires::no_autocast();
+  // Worker threads do not inherit the dispatch guard: no tensor they touch may carry
+  // autograd state (prepare_forward detaches the parameters).
+  const hires::Prepared a = hires::prepare_forward(x_, weight_, hires::value_or_undefined(bn_weight),
+                                                   hires::value_or_undefined(bn_bias),
+                                                   hires::value_or_undefined(residual_));
+  const bool cl = a.format == at::MemoryFormat::ChannelsLast;
+  const int64_t C_in = a.x.size(1), C_out = a.weight.size(0);
+  const auto aopt = a.weight.options();
+  at::Tensor shift = at::empty({C_in}, aopt);
+  at::Tensor gamma = a.bn_weight.defined() ? a.bn_weight : at::ones({C_out}, aopt);
+  at::Tensor beta = a.bn_bias.defined() ? a.bn_bias : at::zeros({C_out}, aopt);
+  ForwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "projection_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* shp = shift.mutable_data_ptr<acc_t>();
+    data_shift<scalar_t>(a.x, stride, shp);
+    const std::vector<acc_t> w_shift = weight_times(a.weight, shp);
+    at::Tensor mean_in, var_in;
+    if (!training) {
+      mean_in = running_mean.detach().to(a.acc).sub(at::from_blob(const_cast<acc_t*>(w_shift.data()), {C_out}, aopt));
+      var_in = running_var.detach().to(a.acc).contiguous();
+    }
+    auto impl = cl ? forward_impl<scalar_t, true> : forward_impl<scalar_t, false>;
+    auto [out, pooled, y, mean, var] =
+        impl(a.x, shift, a.weight, gamma, beta, a.residual, mean_in, var_in, stride, ceil_mode, training, eps);
+    if (training && running_mean.defined()) {
+      update_running_stats(running_mean, running_var, mean.const_data_ptr<acc_t>(), w_shift,
+                           var.const_data_ptr<acc_t>(), out.numel() / C_out, momentum);
+    }
+    result = {out, pooled, y, shift, mean, var};
   });
   return result;
 }
@@ -712,59 +755,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& saved_, const c10::optional<at::Tensor>& y_,
-    const c10::optional<at::Tensor>& shift_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
-    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w,
-    bool training, double eps) {
+    const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y_, const at::Tensor& shift,
+    const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight_, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
+  const at::Tensor& bn_weight = hires::value_or_undefined(bn_weight_);
+  hires::check_backward(grad_out_, saved_, y_, shift, weight_, bn_weight, mean, var, stride, ceil_mode, in_h, in_w,
+                        training);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const at::Tensor weight = weight_.detach();
-  TORCH_CHECK(grad_out.dim() == 4, "hires_C (cpu): grad_out must be 4-D [N, C_out, H', W'], got ", grad_out.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == grad_out.size(1) && weight.is_contiguous(),
-              "hires_C (cpu): weight must be a contiguous [C_out, C_in] matrix matching grad_out, got ", weight.sizes());
-  const bool cl = is_channels_last(grad_out);
-  const int64_t N = grad_out.size(0), C_out = weight.size(0), C_in = weight.size(1);
-  const int64_t Ho = grad_out.size(2), Wo = grad_out.size(3);
-  TORCH_CHECK(Ho == pooled_size(in_h, stride, ceil_mode) && Wo == pooled_size(in_w, stride, ceil_mode),
-              "hires_C (cpu): grad_out's spatial size ", Ho, "x", Wo, " does not match input ", in_h, "x", in_w,
-              " pooled with stride ", stride);
-  TORCH_CHECK(saved_.dim() == 4 && saved_.size(0) == N && saved_.size(1) == C_in && saved_.size(2) == Ho &&
-                  saved_.size(3) == Wo && saved_.scalar_type() == grad_out.scalar_type(),
-              "hires_C (cpu): saved must be [N, C_in, H', W'] in grad_out's dtype, got ", saved_.sizes());
-  const auto acc = weight.scalar_type();
-  TORCH_CHECK(acc == (grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-              "hires_C (cpu): weight must be in the accumulation dtype");
-  at::Tensor saved = saved_.contiguous(fmt_of(cl));
+  const auto no_autocast = hires::no_autocast();
+  const auto fmt = hires::saved_memory_format(saved_);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const auto acc = hires::accumulation_dtype(grad_out_.scalar_type());
+  const at::Tensor weight = weight_.detach().reshape({weight_.size(0), weight_.size(1)}).to(acc).contiguous();
+  const int64_t C_out = weight.size(0);
+  const at::Tensor grad_out = grad_out_.detach().contiguous(fmt), saved = saved_.detach().contiguous(fmt);
   at::Tensor y;
   if (training) {
-    y = opt_or(y_, at::Tensor());
-    TORCH_CHECK(y.defined() && y.sizes() == grad_out.sizes() && y.scalar_type() == acc,
-                "hires_C (cpu): training backward needs y, the [N, C_out, H', W'] ", acc,
-                " conv output the forward returned");
-    y = y.contiguous(fmt_of(cl));
+    TORCH_CHECK_VALUE(y_.numel(), "projection_backward (cpu): training backward needs y, the conv output the cpu "
+                                  "forward returned");
+    y = y_.detach().contiguous(fmt);
   }
-  at::Tensor shift = opt_or(shift_, at::Tensor());
-  if (shift.defined()) {
-    TORCH_CHECK(shift.numel() == C_in && shift.scalar_type() == acc, "hires_C (cpu): shift must be [C_in] in ", acc);
-    shift = shift.contiguous();
-  }
-  at::Tensor gamma = opt_or(bn_weight, at::ones({C_out}, weight.options())).contiguous();
-  TORCH_CHECK(gamma.numel() == C_out && mean.numel() == C_out && var.numel() == C_out,
-              "hires_C (cpu): bn_weight, mean and var must have C_out elements");
+  const at::Tensor gamma = bn_weight.defined() ? bn_weight.detach().to(acc).contiguous() : at::ones({C_out}, weight.options());
+  // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
+  const at::Tensor sub = stride == 1 ? shift.contiguous() : at::Tensor();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "projection_backward_cpu", [&] {
-    if (cl)
-      result = backward_impl<scalar_t, true>(grad_out, saved, y, shift, weight, gamma, mean.contiguous(),
-                                             var.contiguous(), stride, ceil_mode, in_h, in_w, training, eps);
-    else
-      result = backward_impl<scalar_t, false>(grad_out, saved, y, shift, weight, gamma, mean.contiguous(),
-                                              var.contiguous(), stride, ceil_mode, in_h, in_w, training, eps);
+    auto impl = cl ? backward_impl<scalar_t, true> : backward_impl<scalar_t, false>;
+    result = impl(grad_out, saved, y, sub, weight, gamma, mean.contiguous(), var.contiguous(), stride, ceil_mode, in_h,
+                  in_w, training, eps);
   });
+  auto& [grad_x, grad_w, grad_gamma, grad_beta] = result;
+  if (!training) {
+    // dW = sum_m dy (p + shift)^T: the kernels summed dy p^T with the shifted p. (In
+    // training sum_m dy = 0, so the shift drops out exactly.)
+    grad_w.addr_(at::rsqrt(var + eps) * gamma * grad_beta, shift);
+  }
+  grad_w = grad_w.view(weight_.sizes());
   return result;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hires_C, CPU, m) {
-  m.impl("projection_forward", &projection_forward_cpu);
+TORCH_LIBRARY_IMPL(hires, CPU, m) {
+  m.impl("projection", &projection_cpu);
   m.impl("projection_backward", &projection_backward_cpu);
 }

@@ -1,0 +1,136 @@
+// Autograd kernels of the fused projection (the pattern of torchvision's
+// csrc/ops/autograd/roi_align_kernel.cpp): the forward saves what backward needs and
+// calls the forward op below autograd; the backward calls the backward op, whose own
+// autograd kernel refuses to be differentiated again.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "projection_args.h"
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult call_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+                           const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+                           int64_t stride, bool ceil_mode, bool training, double momentum, double eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("hires::projection", "").typed<decltype(call_forward)>();
+  return op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode, training,
+                 momentum, eps);
+}
+
+BackwardResult call_backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& y,
+                             const at::Tensor& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+                             const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h,
+                             int64_t in_w, bool training, double eps) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("hires::projection_backward", "").typed<decltype(call_backward)>();
+  return op.call(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training,
+                 eps);
+}
+
+class ProjectionFunction : public torch::autograd::Function<ProjectionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+                               int64_t stride, bool ceil_mode, bool training, double momentum, double eps) {
+    // Checked here too, before the backend is picked: tensors on mixed devices would
+    // otherwise reach whichever device's kernel the dispatcher prefers.
+    hires::check_forward(x, weight, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
+                         hires::value_or_undefined(running_mean), hires::value_or_undefined(running_var),
+                         hires::value_or_undefined(residual), stride, ceil_mode, training, eps);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, saved, y, shift, mean, var] = call_forward(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                                          residual, stride, ceil_mode, training, momentum, eps);
+    // The statistics were written below the ADInplaceOrView layer: count the write.
+    if (training && running_mean.has_value()) {
+      torch::autograd::impl::bump_version(*running_mean);
+      torch::autograd::impl::bump_version(*running_var);
+    }
+    // Stride 1 keeps x itself (no copy) and backward subtracts the shift again.
+    ctx->save_for_backward({stride == 1 ? x : saved, y, shift, weight, hires::value_or_undefined(bn_weight), mean, var});
+    ctx->saved_data["meta"] = c10::List<int64_t>({stride, ceil_mode, x.size(2), x.size(3), training});
+    ctx->saved_data["eps"] = eps;
+    // A gradient may be returned only where a tensor was given.
+    ctx->saved_data["given"] = c10::List<bool>({bn_weight.has_value(), bn_bias.has_value(), residual.has_value()});
+    ctx->mark_non_differentiable({saved, y, shift, mean, var});
+    ctx->set_materialize_grads(false);
+    return {out, saved, y, shift, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(12);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return none;
+    const auto s = ctx->get_saved_variables();
+    const auto meta = ctx->saved_data["meta"].toIntList();
+    const bool training = meta[4];
+    auto [grad_x, grad_w, grad_gamma, grad_beta] =
+        call_backward(grad_out, s[0], s[1], s[2], s[3], s[4].defined() ? std::optional<at::Tensor>(s[4]) : std::nullopt,
+                      s[5], s[6], meta[0], meta[1], meta[2], meta[3], training, ctx->saved_data["eps"].toDouble());
+    // One gradient per tensor argument; autograd drops those of inputs that need none
+    // (the kernels compute every gradient in the same passes anyway).
+    const auto given = ctx->saved_data["given"].toBoolList();
+    variable_list g = none;
+    g[0] = grad_x;
+    g[1] = grad_w;
+    if (given[0]) g[2] = grad_gamma;
+    if (given[1]) g[3] = grad_beta;
+    if (given[2]) g[6] = grad_out;
+    return g;
+  }
+};
+
+class ProjectionBackwardFunction : public torch::autograd::Function<ProjectionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& y,
+                               const at::Tensor& shift, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
+                               const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w,
+                               bool training, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_w, grad_gamma, grad_beta] = call_backward(grad_out, saved, y, shift, weight, bn_weight, mean,
+                                                                 var, stride, ceil_mode, in_h, in_w, training, eps);
+    return {grad_x, grad_w, grad_gamma, grad_beta};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fused_projection: its backward cannot be differentiated (double backward, e.g. "
+                       "create_graph=True or nested torch.func.grad, is not supported)");
+  }
+};
+
+ForwardResult projection_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                                  const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var,
+                                  const std::optional<at::Tensor>& residual, int64_t stride, bool ceil_mode,
+                                  bool training, double momentum, double eps) {
+  auto r = ProjectionFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                     ceil_mode, training, momentum, eps);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& y,
+                                            const at::Tensor& shift, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
+                                            const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h,
+                                            int64_t in_w, bool training, double eps) {
+  auto r = ProjectionBackwardFunction::apply(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
+                                             ceil_mode, in_h, in_w, training, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hires, Autograd, m) {
+  m.impl("projection", &projection_autograd);
+  m.impl("projection_backward", &projection_backward_autograd);
+}
