@@ -44,6 +44,7 @@ def pytest_configure(config):
         "model: model-level train-step benchmarks",
         "timm: timm ResNet-D train steps before/after hires_kernels.fuse",
         "compile: involves torch.compile",
+        "host: host cost per call on tiny CPU tensors (one thread)",
     ):
         config.addinivalue_line("markers", line)
     torch.set_num_threads(config.getoption("--bench-threads"))

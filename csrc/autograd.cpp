@@ -34,39 +34,43 @@ BackwardResult call_backward(const at::Tensor& grad_out, const at::Tensor& saved
                  eps);
 }
 
+// The statistics were written below the ADInplaceOrView layer: count the write.
+void bump_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                        bool training) {
+  if (training && running_mean.has_value()) {
+    torch::autograd::impl::bump_version(*running_mean);
+    torch::autograd::impl::bump_version(*running_var);
+  }
+}
+
+// Autograd sees one output, `out`: the tensors backward needs reach the caller through
+// `rest` rather than as non-differentiable outputs, each of which would cost the graph
+// its own bookkeeping on every call.
 class ProjectionFunction : public torch::autograd::Function<ProjectionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-                               int64_t stride, bool ceil_mode, bool training, double momentum, double eps) {
-    // Checked here too, before the backend is picked: tensors on mixed devices would
-    // otherwise reach whichever device's kernel the dispatcher prefers.
-    hires::check_forward(x, weight, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
-                         hires::value_or_undefined(running_mean), hires::value_or_undefined(running_var),
-                         hires::value_or_undefined(residual), stride, ceil_mode, training, eps);
+                               int64_t stride, bool ceil_mode, bool training, double momentum, double eps,
+                               ForwardResult* rest) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, saved, y, shift, mean, var] = call_forward(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                                          residual, stride, ceil_mode, training, momentum, eps);
-    // The statistics were written below the ADInplaceOrView layer: count the write.
-    if (training && running_mean.has_value()) {
-      torch::autograd::impl::bump_version(*running_mean);
-      torch::autograd::impl::bump_version(*running_var);
-    }
+    *rest = call_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode,
+                         training, momentum, eps);
+    const auto& [out, saved, y, shift, mean, var] = *rest;
+    bump_running_stats(running_mean, running_var, training);
     // Stride 1 keeps x itself (no copy) and backward subtracts the shift again.
     ctx->save_for_backward({stride == 1 ? x : saved, y, shift, weight, hires::value_or_undefined(bn_weight), mean, var});
     ctx->saved_data["meta"] = c10::List<int64_t>({stride, ceil_mode, x.size(2), x.size(3), training});
     ctx->saved_data["eps"] = eps;
     // A gradient may be returned only where a tensor was given.
     ctx->saved_data["given"] = c10::List<bool>({bn_weight.has_value(), bn_bias.has_value(), residual.has_value()});
-    ctx->mark_non_differentiable({saved, y, shift, mean, var});
     ctx->set_materialize_grads(false);
-    return {out, saved, y, shift, mean, var};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(12);
+    variable_list none(13);
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return none;
     const auto s = ctx->get_saved_variables();
@@ -113,9 +117,26 @@ ForwardResult projection_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& running_var,
                                   const std::optional<at::Tensor>& residual, int64_t stride, bool ceil_mode,
                                   bool training, double momentum, double eps) {
-  auto r = ProjectionFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                                     ceil_mode, training, momentum, eps);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  // Checked here too, before the backend is picked: tensors on mixed devices would
+  // otherwise reach whichever device's kernel the dispatcher prefers.
+  hires::check_forward(x, weight, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
+                       hires::value_or_undefined(running_mean), hires::value_or_undefined(running_var),
+                       hires::value_or_undefined(residual), stride, ceil_mode, training, eps);
+  auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || weight.requires_grad() || requires_grad(bn_weight) ||
+                                       requires_grad(bn_bias) || requires_grad(residual))) {
+    // Nothing to record: skip the Function (and its refusal of torch.func transforms,
+    // whose Python autograd.Function in projection.py calls this op on detached inputs).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto r = call_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode,
+                          training, momentum, eps);
+    bump_running_stats(running_mean, running_var, training);
+    return r;
+  }
+  ForwardResult r;
+  std::get<0>(r) = ProjectionFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                             stride, ceil_mode, training, momentum, eps, &r)[0];
+  return r;
 }
 
 BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& y,
@@ -123,6 +144,11 @@ BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at
                                             const std::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
                                             const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h,
                                             int64_t in_w, bool training, double eps) {
+  if (!at::GradMode::is_enabled()) {  // the usual backward: no graph of the backward to record
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w,
+                         training, eps);
+  }
   auto r = ProjectionBackwardFunction::apply(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
                                              ceil_mode, in_h, in_w, training, eps);
   return {r[0], r[1], r[2], r[3]};

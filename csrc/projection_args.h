@@ -172,7 +172,7 @@ inline Prepared prepare_forward(const at::Tensor& x, const at::Tensor& weight, c
   p.acc = accumulation_dtype(x.scalar_type());
   p.x = x.contiguous(p.format);
   p.residual = residual.defined() ? residual.contiguous(p.format) : residual;
-  auto param = [&](const at::Tensor& t) { return t.defined() ? t.detach().to(p.acc).contiguous() : t; };
+  auto param = [&](const at::Tensor& t) { return t.defined() ? t.to(p.acc).contiguous() : t; };
   p.weight = param(weight.reshape({weight.size(0), weight.size(1)}));
   p.bn_weight = param(bn_weight);
   p.bn_bias = param(bn_bias);

@@ -1,20 +1,22 @@
 """The fused hierarchical projection: avgpool -> 1x1 conv -> BatchNorm (-> + residual).
 
-This module holds the public op, its eager reference (the oracle every backend is
-tested against), input validation, the ``torch.library`` custom ops with their
-fake kernels and autograd formula, and the autograd.Function that serves plain eager
-calls with the same kernels and formula. The kernels live in :mod:`hires_kernels.backends`;
-the math of forward and backward is in the docstring of
+This module holds the public op and its eager reference (the oracle every backend is
+tested against). The ``cpu`` and ``cuda`` backends are one C++ op per direction,
+``torch.ops.hires.projection`` and ``projection_backward`` (csrc/ops.cpp), with their
+autograd in C++ and every per-call step (checks, data shift, statistics, running
+statistics) inside the kernel call: :func:`fused_projection` makes one call. The
+``reference`` and ``triton`` backends, written in Python, run through the Python custom
+ops below, which do the same per-call steps with torch ops. The call path is mapped in
+docs/kernels.md; the math of forward and backward is in the docstring of
 :mod:`hires_kernels.backends.reference`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
-from torch.utils._device import DeviceContext
 
 from . import backends
 from .shapes import data_shift, memory_format_of, pooled_size
@@ -45,11 +47,21 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def _check_python_types(x, stride):
+    """What the C++ schema cannot say clearly: x must be a tensor (its device picks the
+    backend) and stride a Python int (a float would otherwise be a schema TypeError)."""
+    if not isinstance(x, torch.Tensor):
+        _fail(f"x must be a 4-D tensor [N, C_in, H, W], got {_shape(x)}")
+    if not (type(stride) is int and stride >= 1):
+        _fail(f"stride must be an integer >= 1, got {stride!r}")
+
+
 def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode):
-    """Every documented error, raised before any kernel runs or any state changes.
+    """The Python backends' copy of csrc/projection_args.h's check_forward: every
+    documented error, raised before any kernel runs or any state changes.
 
     Messages are formatted only on failure: this runs on every call."""
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+    if x.dim() != 4:
         _fail(f"x must be a 4-D tensor [N, C_in, H, W], got {_shape(x)}")
     if x.dtype not in _ACTIVATION_DTYPES:
         _fail(f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64")
@@ -69,8 +81,6 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
         _fail(f"weight has {weight.shape[1]} input channels but x has C_in={c_in}")
     if not weight.is_floating_point():
         _fail(f"weight must be floating point, got {weight.dtype}")
-    if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
-        _fail(f"stride must be an integer >= 1, got {stride!r}")
     if not eps > 0:
         _fail(f"eps must be > 0, got {eps}")
     h_out, w_out = pooled_size(h, stride, ceil_mode), pooled_size(w, stride, ceil_mode)
@@ -89,6 +99,10 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
         _fail("running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
         _fail("running_mean and running_var are required in eval mode (training=False)")
+    if training and running_mean is not None:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.stride(0) == 0 and t.shape[0] > 1:  # a 1-D view shares memory only so
+                _fail(f"{name} has elements that share memory (e.g. an expanded view); it cannot be updated in place")
     if residual is not None:
         if not (isinstance(residual, torch.Tensor) and residual.shape == (n, c_out, h_out, w_out)):
             _fail(f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got {_shape(residual)}")
@@ -103,16 +117,42 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
               f"(pooled to {h_out}x{w_out})")
 
 
-# --- custom ops ------------------------------------------------------------------
+def _autocast(x, residual):
+    """x and residual in the autocast dtype when autocast is on for x's device, as the
+    conv this op replaces would run; parameters and statistics stay float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+    return x, residual
+
+
+def prepare(x, weight, bn_weight, bn_bias, residual):
+    """The Python backends' inputs: activations dense in x's memory format, parameters
+    contiguous in the accumulation dtype, weight as a [C_out, C_in] matrix (as
+    csrc/projection_args.h's prepare_forward does for the compiled ones)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    residual = None if residual is None else residual.contiguous(memory_format=fmt)
+    gamma, beta = (None if t is None else t.to(acc).contiguous() for t in (bn_weight, bn_bias))
+    w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc).contiguous()
+    return x, w, gamma, beta, residual
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """F.batch_norm's momentum update, with the unbiased variance of ``count`` values."""
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+
+
+# --- the Python backends' ops ------------------------------------------------------
 #
-# Three entry points share one forward, one setup_context and one backward formula:
-# - the torch.library custom ops below, with fake kernels and registered autograd, which
-#   torch.compile, fake tensors and dispatch modes see;
-# - _EagerProjection, an autograd.Function calling the backends directly, for plain
-#   eager calls. torch.library's Python layers (filling in schema defaults, redispatch,
-#   alias checks) cost about 0.1 ms per forward and backward: as much as the kernels of
-#   a small projection on CPU, and more than them on GPU;
-# - _FunctorchProjection, an autograd.Function around the custom op, for torch.func.
+# reference and triton are Python code, so they cannot be kernels of the C++ op; they run
+# as torch.library custom ops of their own, which torch.compile, fake tensors and
+# dispatch modes see. The op does not mutate the running statistics (torch.library gives
+# no autograd to mutating custom ops): _python_projection updates them after the call.
 
 
 def _forward_kernels(
@@ -128,16 +168,16 @@ def _forward_kernels(
 
 def _backward_kernels(
     grad_out: torch.Tensor, saved: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor | None,
-    weight: torch.Tensor, bn_weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, stride: int, ceil_mode: bool, in_h: int, in_w: int,
-    training: bool, eps: float, backend: str,
+    weight: torch.Tensor, bn_weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, stride: int,
+    ceil_mode: bool, in_h: int, in_w: int, training: bool, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias)."""
     return backends.get(backend).backward(
         grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps)
 
 
-_forward_op = torch.library.custom_op("hires::projection_forward", _forward_kernels, mutates_args=())
-_backward_op = torch.library.custom_op("hires::projection_backward", _backward_kernels, mutates_args=())
+_forward_op = torch.library.custom_op("hires_py::projection_forward", _forward_kernels, mutates_args=())
+_backward_op = torch.library.custom_op("hires_py::projection_backward", _backward_kernels, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -160,7 +200,7 @@ def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode
             torch.empty_like(mean), torch.empty_like(mean))
 
 
-def _setup_context(ctx, inputs, output, direct=False):
+def _setup_context(ctx, inputs, output):
     x, shift, weight, bn_weight, bn_bias, residual, _, _, stride, ceil_mode, training, eps, backend = inputs
     _, pooled, y, mean, var = output
     # Only `out` has a gradient: the others would otherwise get zero-filled gradients.
@@ -170,7 +210,6 @@ def _setup_context(ctx, inputs, output, direct=False):
     # otherwise the pooled input, already shifted. y is empty unless the backend keeps it.
     ctx.save_for_backward(x if stride == 1 else pooled, y, shift, weight, bn_weight, mean, var)
     ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps, backend, memory_format_of(x))
-    ctx.direct = direct  # whether backward may call the kernels rather than the custom op
 
 
 def _backward(ctx, grad_out, *_):
@@ -179,15 +218,12 @@ def _backward(ctx, grad_out, *_):
     if grad_out is None:  # an undefined gradient (gradcheck tests that it is accepted)
         return (None,) * len(ctx.needs_input_grad)
     grad_out = grad_out.contiguous(memory_format=fmt)
-    # Under create_graph (always so inside torch.func) the backward must refuse to be
-    # differentiated with a clear error: a direct kernel call would record a wrong or
-    # empty graph. The custom op does so, but eager torch.func needs a Function of ours.
-    if ctx.direct and not torch.is_grad_enabled():
-        run_backward = _backward_kernels
-    elif torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        run_backward = _FunctorchBackward.apply
+    # Inside torch.func the backward must refuse to be differentiated with a clear error;
+    # eager torch.func needs a Function of ours for that (the custom op's has no formula).
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        run_backward = functools.partial(_FunctorchBackward.apply, torch.ops.hires_py.projection_backward.default)
     else:
-        run_backward = torch.ops.hires.projection_backward.default  # an OpOverload, which dynamo traces
+        run_backward = torch.ops.hires_py.projection_backward.default  # an OpOverload, which dynamo traces
     grad_x, grad_w, grad_gamma, grad_beta = run_backward(
         grad_out, saved, y if y.numel() else None, shift if stride == 1 else None, weight, bn_weight, mean, var,
         stride, ceil_mode, in_h, in_w, training, eps, backend)
@@ -205,18 +241,11 @@ def _backward(ctx, grad_out, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerProjection(torch.autograd.Function):
-    """The custom op's forward and autograd, calling the kernels directly (see above)."""
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
-    # forward(ctx, ...) rather than a separate setup_context: with one, apply() binds the
-    # arguments through inspect.signature on every call.
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_kernels(*inputs)
-        _setup_context(ctx, inputs, output, direct=True)
-        return output
 
-    backward = staticmethod(_backward)
+_backward_op.register_autograd(_refuse_double_backward)
 
 
 class _FunctorchProjection(torch.autograd.Function):
@@ -226,18 +255,20 @@ class _FunctorchProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(*inputs):
-        return torch.ops.hires.projection_forward.default(*inputs)  # an OpOverload, which dynamo traces
+        return torch.ops.hires_py.projection_forward.default(*inputs)  # an OpOverload, which dynamo traces
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
 class _FunctorchBackward(torch.autograd.Function):
-    """The backward kernels under torch.func transforms, refusing double backward."""
+    """A backward op under torch.func transforms, refusing double backward. Called
+    through this Function, whose forward runs below the transform's level, the op's own
+    autograd is not asked to handle the transform."""
 
     @staticmethod
-    def forward(*inputs):
-        return torch.ops.hires.projection_backward.default(*inputs)
+    def forward(op, *inputs):
+        return op(*inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -245,24 +276,66 @@ class _FunctorchBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("fused_projection: its backward has no autograd formula (double backward, "
-                           "e.g. nested torch.func.grad, is not supported)")
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
-def _is_plain_eager(tensors) -> bool:
-    """Whether nothing but eager autograd will see this call: no tracing or compiling, no
-    torch.func transform, no Python dispatch or function mode (but the default-device
-    mode of ``torch.set_default_device``), no tensor subclass."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active()
-                or torch._C._len_torch_dispatch_stack() > 0
-                or (torch._C._is_torch_function_mode_enabled() and not _only_default_device_modes())
-                or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if t is not None))
+_NO_DOUBLE_BACKWARD = ("fused_projection: its backward cannot be differentiated (double backward, e.g. "
+                       "create_graph=True or nested torch.func.grad, is not supported)")
 
 
-def _only_default_device_modes() -> bool:
-    return all(isinstance(torch._C._get_function_stack_at(i), DeviceContext)
-               for i in range(torch._C._len_torch_function_stack()))
+class _CompiledUnderTransforms(torch.autograd.Function):
+    """The compiled op under torch.func transforms: its C++ autograd cannot serve them
+    (torch::autograd::Function refuses functorch), so this Function saves the same
+    tensors and calls the same backward op, through _FunctorchBackward."""
+
+    @staticmethod
+    def forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode, training,
+                momentum, eps):
+        # Autograd runs this without grad: the op records nothing, and its C++ autograd
+        # does not meet the transform.
+        return backends.compiled_projection(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                            stride, ceil_mode, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bn_weight, _, _, _, _, stride, ceil_mode, training, _, eps = inputs
+        _, saved, y, shift, mean, var = output
+        ctx.mark_non_differentiable(saved, y, shift, mean, var)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x if stride == 1 else saved, y, shift, weight, bn_weight, mean, var)
+        ctx.meta = (stride, ceil_mode, x.shape[2], x.shape[3], training, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        if grad_out is None:
+            return (None,) * 12
+        run_backward = functools.partial(_FunctorchBackward.apply, torch.ops.hires.projection_backward.default)
+        grads = (*run_backward(grad_out, *ctx.saved_tensors, *ctx.meta), None, None, grad_out)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 5
+
+
+def _python_projection(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                       stride, training, momentum, eps, ceil_mode, backend):
+    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
+    if x.dtype not in backends.get(backend).DTYPES:
+        raise RuntimeError(f"fused_projection: backend {backend!r} does not support dtype {x.dtype}")
+    x, w, gamma, beta, residual = prepare(x, weight, bn_weight, bn_bias, residual)
+    # A per-channel shift taken from the data keeps the kernels' sums accurate for
+    # activations with a large mean; the statistics are corrected by W @ shift, in the
+    # accumulation dtype whatever the caller's autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        shift = data_shift(x, stride, w.dtype)
+        w_shift = w.detach() @ shift
+        mean_in = var_in = None
+        if not training:
+            mean_in = running_mean.detach().to(w.dtype) - w_shift
+            var_in = running_var.detach().to(w.dtype).contiguous()
+        op = _FunctorchProjection.apply if torch._C._are_functorch_transforms_active() else _forward_op
+        out, _, _, mean, var = op(x, shift, w, gamma, beta, residual, mean_in, var_in,
+                                  stride, ceil_mode, training, float(eps), backend)
+        if training and running_mean is not None:
+            update_running_stats(running_mean, running_var, mean + w_shift, var, out.numel() // out.shape[1], momentum)
+    return out
 
 
 # --- public op ---------------------------------------------------------------------
@@ -295,45 +368,18 @@ def fused_projection(
     Under ``torch.autocast`` the activations run in the autocast dtype, like the conv
     this op replaces; parameters and statistics stay in float32.
     """
-    autocasting = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
-    if autocasting:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
-    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
+    _check_python_types(x, stride)
+    x, residual = _autocast(x, residual)
     name = backends.resolve_backend(backend, x.device, x.dtype)
-    module = backends.get(name)
-    if x.dtype not in module.DTYPES:
-        raise RuntimeError(f"fused_projection: backend {name!r} does not support dtype {x.dtype}")
-
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=fmt)
-    params = [None if t is None else t.to(acc).contiguous() for t in (bn_weight, bn_bias)]
-    w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc).contiguous()
-    # A per-channel shift taken from the data keeps the kernels' sums accurate for
-    # activations with a large mean; the statistics are corrected by W @ shift.
-    shift = data_shift(x, stride, acc)
-    w_shift = w.detach() @ shift
-    mean_in = var_in = None
-    if not training:
-        mean_in, var_in = running_mean.detach().to(acc) - w_shift, running_var.detach().to(acc).contiguous()
-
-    inputs = (x, shift, w, *params, residual, mean_in, var_in)
-    if _is_plain_eager(inputs):
-        op = _EagerProjection.apply
-    elif torch._C._are_functorch_transforms_active():
-        op = _FunctorchProjection.apply
-    else:
-        op = _forward_op
-    with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-        out, _, _, mean, var = op(*inputs, stride, ceil_mode, training, float(eps), name)
-
-    if training and running_mean is not None:
-        n = out.numel() // out.shape[1]
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_((mean + w_shift).to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
-    return out
+    transformed = torch._C._are_functorch_transforms_active()
+    if transformed and torch.compiler.is_compiling():
+        # dynamo inlines an autograd.Function's forward under torch.func transforms, which
+        # would lose the compiled op's gradient: the reference kernels (a custom op with
+        # Python autograd) serve torch.compile(torch.func.grad(...)).
+        name = "reference"
+    if name in backends.COMPILED:
+        op = _CompiledUnderTransforms.apply if transformed else backends.compiled_projection
+        return op(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                  stride, ceil_mode, training, float(momentum), float(eps))[0]
+    return _python_projection(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                              stride, training, momentum, eps, ceil_mode, name)

@@ -47,6 +47,15 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if s[1] < s[3] <= s[2] <= s[0] else torch.contiguous_format
 
 
+def saved_memory_format(saved: torch.Tensor) -> torch.memory_format:
+    """x's layout, read off what the forward saved for backward (csrc/projection_args.h's
+    rule): x itself, or the pooled input allocated in x's layout, whose strides still
+    tell the layout when its 1x1 positions make it dense in both."""
+    if saved.is_contiguous() and saved.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last if saved.stride(1) < saved.stride(3) else torch.contiguous_format
+    return memory_format_of(saved)
+
+
 def data_shift(x: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tensor:
     """A per-channel constant near the data: the mean of the first pooling window.
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .backends import reference
-from .projection import _validate
+from .projection import _autocast, _check_python_types, _validate, fused_projection, prepare, update_running_stats
 from .shapes import data_shift, memory_format_of
 
 __all__ = ["sync_projection", "convert_sync_projection"]
@@ -153,32 +153,18 @@ def sync_projection(
     Every rank must call it the same number of times with the same channel count
     (it is a collective in training mode).
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+    _check_python_types(x, stride)
+    x, residual = _autocast(x, residual)
     _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
     if not training:
-        from .projection import fused_projection
-
         return fused_projection(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                                 stride=stride, training=False, momentum=momentum, eps=eps, ceil_mode=ceil_mode)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=fmt)
-    w = weight.reshape(weight.shape[0], weight.shape[1]).to(acc)
-    gamma = None if bn_weight is None else bn_weight.to(acc)
-    beta = None if bn_bias is None else bn_bias.to(acc)
+    x, w, gamma, beta, residual = prepare(x, weight, bn_weight, bn_bias, residual)
     with torch.autocast(x.device.type, enabled=False):
         out, mean, var, count = _SyncProjection.apply(
             x, w, gamma, beta, residual, stride, ceil_mode, float(eps), process_group)
     if running_mean is not None:
-        n = float(count)
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, var, float(count), momentum)
     return out
 
 

@@ -38,8 +38,9 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # the C++ checks and the Python backends' copy
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_raises_before_any_change(name):
+def test_bad_input_raises_before_any_change(name, backend):
     overrides, message = BAD[name]
     args = {**good(), **overrides}
     before = [t.clone() if t is not None else None for t in (args["running_mean"], args["running_var"])]
@@ -47,7 +48,7 @@ def test_bad_input_raises_before_any_change(name):
     stride, training = args.pop("stride"), args.pop("training")
     with pytest.raises((ValueError, RuntimeError), match=message):
         fused_projection(x, args["weight"], args["bn_weight"], args["bn_bias"], args["running_mean"],
-                         args["running_var"], args["residual"], stride=stride, training=training)
+                         args["running_var"], args["residual"], stride=stride, training=training, backend=backend)
     for now, then in zip((args["running_mean"], args["running_var"]), before):
         if now is not None:
             assert torch.equal(now, then), "running statistics changed by a rejected call"
@@ -75,9 +76,9 @@ def test_module_rejects_bad_input_without_counting_a_batch():
         HierarchicalProjection(4, 5, stride=0)
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.hires_C, "projection_forward"), reason="the C++ extension is not built")
+@pytest.mark.skipif(not hasattr(torch.ops.hires, "projection"), reason="the C++ extension is not built")
 def test_kernels_called_directly_reject_a_stride_larger_than_the_input():
     """Floor mode pools a 1-row input with stride 2 to 0 rows (as ATen), not to 1."""
     x, w = torch.randn(1, 4, 1, 4), torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="stride 2 is larger than the input 1x4"):
-        torch.ops.hires_C.projection_forward(x, torch.zeros(4), w, None, None, None, None, None, 2, False, True, 1e-5)
+    with pytest.raises(ValueError, match="stride=2 is larger than the input 1x4"):
+        torch.ops.hires.projection(x, w, None, None, None, None, None, 2, False, True, 0.1, 1e-5)

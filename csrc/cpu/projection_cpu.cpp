@@ -314,12 +314,14 @@ void scatter_tile(scalar_t* dx, int64_t C, int64_t H, int64_t W, int64_t s, int6
 // ------------------------------------------------------------------------------------
 // Forward
 
-template <typename scalar_t, bool CL>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& residual, const at::Tensor& mean_in, const at::Tensor& var_in,
-    int64_t s, bool ceil_mode, bool training, double eps) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Returns (out, pooled, y). gamma and beta: [C_out] arrays (ones / zeros without affine
+// parameters). mean and var: [C_out], read in eval (the running statistics moved by the
+// shift) and written in training (the batch statistics).
+template <typename scalar_t, bool CL, typename acc_t = at::opmath_type<scalar_t>>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const acc_t* shp, const at::Tensor& weight, const acc_t* gamma, const acc_t* btp,
+    const at::Tensor& residual, int64_t s, bool ceil_mode, bool training, double eps, const at::Tensor& mean,
+    const at::Tensor& var) {
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = weight.size(0);
   const int64_t Ho = pooled_size(H, s, ceil_mode), Wo = pooled_size(W, s, ceil_mode);
   const auto fmt = fmt_of(CL);
@@ -330,19 +332,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   const Tiling tl(N, Ho, Wo);
   const int64_t M = N * Ho * Wo;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const acc_t* shp = shift.const_data_ptr<acc_t>();
   scalar_t* poolp = s > 1 ? pooled.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t ldp = CL ? C_in : tl.tmax, ldy = CL ? C_out : tl.tmax;
   const Mat<acc_t> Wm{weight.const_data_ptr<acc_t>(), C_in, false};
   const scalar_t* resp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-  const acc_t* btp = beta.const_data_ptr<acc_t>();
+  acc_t* mup = mean.mutable_data_ptr<acc_t>();
+  acc_t* vp = var.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> scale(C_out);
+  acc_t* scp = scale.data();
 
   if (!training) {
     // One pass: pool x into the tile (writing `pooled`), y = W p, normalise (+ residual).
-    const at::Tensor scale = at::rsqrt(var_in + eps) * gamma;
-    const acc_t* mup = mean_in.const_data_ptr<acc_t>();
-    const acc_t* scp = scale.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C_out; ++c) scp[c] = static_cast<acc_t>(gamma[c] / std::sqrt(static_cast<double>(vp[c]) + eps));
     at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
       std::vector<acc_t> vrow(W);
       acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
@@ -355,22 +357,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
         store_tile<CL, scalar_t, acc_t>(outp, resp, C_out, Ho, Wo, u0, u1, Y, ldy, mup, scp, btp);
       }
     });
-    return {out, pooled, y, mean_in.clone(), var_in.clone()};
+    return {out, pooled, y};
   }
 
   // Pass 1: pool x into the tile (writing `pooled`), y = W p into `y`, per-tile mean and
   // centred sum of squares (two-pass, in cache), Chan-merged per thread, then across threads.
   acc_t* yp = y.mutable_data_ptr<acc_t>();
   const int nthreads = at::get_num_threads();
+  // Sums of squares in double, as ATen's CPU batch_norm: (y - mean)^2 of float32 y may
+  // overflow float32 (x * 1e30) where the normalised output is still finite.
   std::vector<int64_t> cnt(nthreads, 0);
-  at::Tensor mean_acc = at::zeros({nthreads, C_out}, aopt), m2_acc = at::zeros({nthreads, C_out}, aopt);
+  std::vector<double> mean_acc(nthreads * C_out, 0.0), m2_acc(nthreads * C_out, 0.0);
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
-    std::vector<acc_t> vrow(W), mu(C_out), m2(C_out);
+    std::vector<acc_t> vrow(W), mu(C_out);
+    std::vector<double> m2(C_out);
     acc_t* P = thread_scratch<acc_t>(kPooledTile, C_in * tl.tmax);
     acc_t* Yb = CL ? nullptr : thread_scratch<acc_t>(kOutTile, C_out * tl.tmax);
-    acc_t* mean_a = mean_acc[tid].mutable_data_ptr<acc_t>();
-    acc_t* m2_a = m2_acc[tid].mutable_data_ptr<acc_t>();
+    double* mean_a = mean_acc.data() + tid * C_out;
+    double* m2_a = m2_acc.data() + tid * C_out;
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
       load_tile<CL>(xp, C_in, H, W, s, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
@@ -381,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
       if (!CL) store_tile<CL, acc_t, acc_t>(yp, nullptr, C_out, Ho, Wo, u0, u1, Y, ldy, nullptr, nullptr, nullptr);
       const acc_t inv_t = acc_t(1) / static_cast<acc_t>(T);
       acc_t* __restrict__ mup_ = mu.data();
-      acc_t* __restrict__ m2p_ = m2.data();
+      double* __restrict__ m2p_ = m2.data();
       if (!CL) {
         for (int64_t c = 0; c < C_out; ++c) {
           const acc_t* row = Y + c * ldy;
@@ -389,15 +394,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
 #pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < T; ++t) sum += row[t];
           const acc_t m = sum * inv_t;
-          acc_t sq = 0;
+          double sq = 0;
 #pragma omp simd reduction(+ : sq)
-          for (int64_t t = 0; t < T; ++t) sq += (row[t] - m) * (row[t] - m);
+          for (int64_t t = 0; t < T; ++t) sq += static_cast<double>(row[t] - m) * static_cast<double>(row[t] - m);
           mup_[c] = m;
           m2p_[c] = sq;
         }
       } else {
         std::fill(mu.begin(), mu.end(), acc_t(0));
-        std::fill(m2.begin(), m2.end(), acc_t(0));
+        std::fill(m2.begin(), m2.end(), 0.0);
         for (int64_t t = 0; t < T; ++t) {
           const acc_t* __restrict__ yr = Y + t * ldy;
           HIRES_SIMD
@@ -408,38 +413,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
         for (int64_t t = 0; t < T; ++t) {
           const acc_t* __restrict__ yr = Y + t * ldy;
           HIRES_SIMD
-          for (int64_t c = 0; c < C_out; ++c) m2p_[c] += (yr[c] - mup_[c]) * (yr[c] - mup_[c]);
+          for (int64_t c = 0; c < C_out; ++c) {
+            const double d = static_cast<double>(yr[c] - mup_[c]);
+            m2p_[c] += d * d;
+          }
         }
       }
       // Chan merge (n_a, mean_a, M2_a) + (T, mu, m2).
       const int64_t na = cnt[tid], nn = na + T;
-      const acc_t fb = static_cast<acc_t>(T) / static_cast<acc_t>(nn);
-      const acc_t fab = static_cast<acc_t>(na) * fb;
+      const double fb = static_cast<double>(T) / static_cast<double>(nn);
+      const double fab = static_cast<double>(na) * fb;
       for (int64_t c = 0; c < C_out; ++c) {
-        const acc_t delta = mu[c] - mean_a[c];
+        const double delta = mu[c] - mean_a[c];
         m2_a[c] += m2[c] + delta * delta * fab;
         mean_a[c] += delta * fb;
       }
       cnt[tid] = nn;
     }
   });
+  // Threads' partials merged in thread order (deterministic for a thread count).
   int64_t na = 0;
-  at::Tensor mean = at::zeros({C_out}, aopt), m2_y = at::zeros({C_out}, aopt);
+  std::vector<double> mean_d(C_out, 0.0), m2_d(C_out, 0.0);
   for (int i = 0; i < nthreads; ++i) {
     if (cnt[i] == 0) continue;
     const int64_t nb = cnt[i], nn = na + nb;
-    at::Tensor delta = mean_acc[i] - mean;
-    m2_y.add_(m2_acc[i]).add_(delta * delta, static_cast<double>(na) * nb / nn);
-    mean.add_(delta, static_cast<double>(nb) / nn);
+    const double fab = static_cast<double>(na) * nb / nn, fb = static_cast<double>(nb) / nn;
+    for (int64_t c = 0; c < C_out; ++c) {
+      const double delta = mean_acc[i * C_out + c] - mean_d[c];
+      m2_d[c] += m2_acc[i * C_out + c] + delta * delta * fab;
+      mean_d[c] += delta * fb;
+    }
     na = nn;
   }
-  TORCH_CHECK(na == M, "hires_C (cpu): internal error, statistics cover ", na, " of ", M, " positions");
-  at::Tensor var = m2_y / static_cast<double>(M);
+  TORCH_CHECK(na == M, "hires (cpu): internal error, statistics cover ", na, " of ", M, " positions");
+  for (int64_t c = 0; c < C_out; ++c) {
+    const double v = m2_d[c] / static_cast<double>(M);
+    mup[c] = static_cast<acc_t>(mean_d[c]);
+    vp[c] = static_cast<acc_t>(v);
+    scp[c] = static_cast<acc_t>(gamma[c] / std::sqrt(v + eps));
+  }
 
   // Pass 2, streaming: out = (y - mean) * scale + beta (+ residual).
-  const at::Tensor scale = at::rsqrt(var + eps) * gamma;
-  const acc_t* mup = mean.const_data_ptr<acc_t>();
-  const acc_t* scp = scale.const_data_ptr<acc_t>();
   const int64_t HW = Ho * Wo;
   if (!CL) {
     at::parallel_for(0, N * C_out, 16, [&](int64_t b, int64_t e) {
@@ -455,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
       }
     });
   }
-  return {out, pooled, y, mean, var};
+  return {out, pooled, y};
 }
 
 // shift[c] = mean of x's first pooling window in channel c (0 where not finite, so a NaN
@@ -530,31 +544,36 @@ ForwardResult projection_cpu(const at::Tensor& x_, const at::Tensor& weight_, co
                        eps);
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto no_autocast = hires::no_autocast();
-  // Worker threads do not inherit the dispatch guard: no tensor they touch may carry
-  // autograd state (prepare_forward detaches the parameters).
+  // Worker threads do not inherit the dispatch guard: they touch raw pointers and
+  // views made from them only, never a tensor that may carry autograd state.
   const hires::Prepared a = hires::prepare_forward(x_, weight_, hires::value_or_undefined(bn_weight),
                                                    hires::value_or_undefined(bn_bias),
                                                    hires::value_or_undefined(residual_));
   const bool cl = a.format == at::MemoryFormat::ChannelsLast;
   const int64_t C_in = a.x.size(1), C_out = a.weight.size(0);
   const auto aopt = a.weight.options();
-  at::Tensor shift = at::empty({C_in}, aopt);
-  at::Tensor gamma = a.bn_weight.defined() ? a.bn_weight : at::ones({C_out}, aopt);
-  at::Tensor beta = a.bn_bias.defined() ? a.bn_bias : at::zeros({C_out}, aopt);
+  at::Tensor shift = at::empty({C_in}, aopt), mean = at::empty({C_out}, aopt), var = at::empty({C_out}, aopt);
   ForwardResult result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "projection_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* shp = shift.mutable_data_ptr<acc_t>();
     data_shift<scalar_t>(a.x, stride, shp);
     const std::vector<acc_t> w_shift = weight_times(a.weight, shp);
-    at::Tensor mean_in, var_in;
+    const std::vector<acc_t> ones(a.bn_weight.defined() ? 0 : C_out, acc_t(1)), zeros(a.bn_bias.defined() ? 0 : C_out);
+    const acc_t* gamma = a.bn_weight.defined() ? a.bn_weight.const_data_ptr<acc_t>() : ones.data();
+    const acc_t* beta = a.bn_bias.defined() ? a.bn_bias.const_data_ptr<acc_t>() : zeros.data();
     if (!training) {
-      mean_in = running_mean.detach().to(a.acc).sub(at::from_blob(const_cast<acc_t*>(w_shift.data()), {C_out}, aopt));
-      var_in = running_var.detach().to(a.acc).contiguous();
+      // The running statistics of W p, moved into the frame of W (p - shift).
+      const at::Tensor rm = running_mean.to(a.acc).contiguous(), rv = running_var.to(a.acc).contiguous();
+      const acc_t *rmp = rm.const_data_ptr<acc_t>(), *rvp = rv.const_data_ptr<acc_t>();
+      acc_t *mp = mean.mutable_data_ptr<acc_t>(), *vp = var.mutable_data_ptr<acc_t>();
+      for (int64_t c = 0; c < C_out; ++c) {
+        mp[c] = rmp[c] - w_shift[c];
+        vp[c] = rvp[c];
+      }
     }
     auto impl = cl ? forward_impl<scalar_t, true> : forward_impl<scalar_t, false>;
-    auto [out, pooled, y, mean, var] =
-        impl(a.x, shift, a.weight, gamma, beta, a.residual, mean_in, var_in, stride, ceil_mode, training, eps);
+    auto [out, pooled, y] = impl(a.x, shp, a.weight, gamma, beta, a.residual, stride, ceil_mode, training, eps, mean, var);
     if (training && running_mean.defined()) {
       update_running_stats(running_mean, running_var, mean.const_data_ptr<acc_t>(), w_shift,
                            var.const_data_ptr<acc_t>(), out.numel() / C_out, momentum);
@@ -578,13 +597,14 @@ void for_each_image_run(int64_t ho, int64_t wo, int64_t u0, int64_t u1, F f) {
   }
 }
 
-// Per channel, rows of a [2, C] tensor: sum_m g and, when y is given, sum_m g (y - mean).
+// Per channel, s0[c] = sum_m g and, when y is given, s1[c] = sum_m g (y - mean); per-thread
+// partials summed in thread order.
 template <bool CL, typename scalar_t, typename acc_t>
-at::Tensor grad_sums(const scalar_t* g, const acc_t* y, const acc_t* mu, int64_t N, int64_t C, int64_t HW,
-                     const at::TensorOptions& aopt) {
+void grad_sums(const scalar_t* g, const acc_t* y, const acc_t* mu, int64_t N, int64_t C, int64_t HW, acc_t* sum0,
+               acc_t* sum1) {
   const int nthreads = at::get_num_threads();
-  at::Tensor part = at::zeros({nthreads, 2, C}, aopt);
-  acc_t* partp = part.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> part(nthreads * 2 * C, acc_t(0));
+  acc_t* partp = part.data();
   if (!CL) {
     at::parallel_for(0, N * C, 8, [&](int64_t b, int64_t e) {
       acc_t* ps = partp + at::get_thread_num() * 2 * C;
@@ -632,7 +652,15 @@ at::Tensor grad_sums(const scalar_t* g, const acc_t* y, const acc_t* mu, int64_t
       }
     });
   }
-  return part.sum(0);
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t a = 0, b = 0;
+    for (int i = 0; i < nthreads; ++i) {
+      a += partp[i * 2 * C + c];
+      b += partp[i * 2 * C + C + c];
+    }
+    sum0[c] = a;
+    sum1[c] = b;
+  }
 }
 
 // The tile E(c, t) of units [u0, u1): dy = al[c] g + be[c] (y - mu[c]) + ga[c] when y is
@@ -676,45 +704,55 @@ void dy_tile(const scalar_t* g, const acc_t* y, int64_t C, int64_t ho, int64_t w
   }
 }
 
-template <typename scalar_t, bool CL>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& y, const at::Tensor& shift,
-    const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& var, int64_t s,
-    bool ceil_mode, int64_t H, int64_t W, bool training, double eps) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Returns (grad_x, dW as a [C_out, C_in] matrix in dw's storage, dgamma, dbeta). shift:
+// subtracted from `saved` as it is loaded (stride 1, where saved is x), else null.
+template <typename scalar_t, bool CL, typename acc_t = at::opmath_type<scalar_t>>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& y, const acc_t* shift, const at::Tensor& weight,
+    const acc_t* gamma, const acc_t* mean, const acc_t* var, int64_t s, int64_t H, int64_t W, bool training,
+    double eps, const at::Tensor& dw) {
   const int64_t N = g.size(0), C_out = g.size(1), Ho = g.size(2), Wo = g.size(3), C_in = weight.size(1);
   const auto aopt = weight.options();
   const int64_t M = N * Ho * Wo;
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const acc_t* yp = training ? y.const_data_ptr<acc_t>() : nullptr;
-  const at::Tensor rstd = at::rsqrt(var + eps), scale = rstd * gamma;
+  const acc_t* wp = weight.const_data_ptr<acc_t>();
+  std::vector<acc_t> rstd(C_out), scale(C_out);
+  for (int64_t c = 0; c < C_out; ++c) {
+    rstd[c] = static_cast<acc_t>(1 / std::sqrt(static_cast<double>(var[c]) + eps));
+    scale[c] = rstd[c] * gamma[c];
+  }
 
   // Pass 1: dbeta = sum g and, in training, dgamma = rstd sum g (y - mean).
-  const at::Tensor sums = grad_sums<CL>(gp, yp, mean.const_data_ptr<acc_t>(), N, C_out, Ho * Wo, aopt);
-  at::Tensor dbeta = sums[0], dgamma;
+  at::Tensor dbeta = at::empty({C_out}, aopt), dgamma = at::empty({C_out}, aopt);
+  acc_t* dbp = dbeta.mutable_data_ptr<acc_t>();
+  acc_t* dgp = dgamma.mutable_data_ptr<acc_t>();
+  grad_sums<CL>(gp, yp, mean, N, C_out, Ho * Wo, dbp, dgp);
   // Pass 2 works on E = dy (training) or g (eval): acc += E p^T and dp = Wd^T E, with
   // Wd = W (training) or diag(scale) W (eval, where dy = scale g).
-  at::Tensor al, be, ga, Wd;
+  std::vector<acc_t> al, be, ga, Wd;
   if (training) {
-    dgamma = rstd * sums[1];
-    al = scale;
-    be = -scale * rstd * dgamma / static_cast<double>(M);
-    ga = -scale * dbeta / static_cast<double>(M);
-    Wd = weight;
+    al.resize(C_out), be.resize(C_out), ga.resize(C_out);
+    for (int64_t c = 0; c < C_out; ++c) {
+      dgp[c] *= rstd[c];
+      al[c] = scale[c];
+      be[c] = -scale[c] * rstd[c] * dgp[c] / static_cast<acc_t>(M);
+      ga[c] = -scale[c] * dbp[c] / static_cast<acc_t>(M);
+    }
   } else {
-    Wd = (weight * scale.unsqueeze(1)).contiguous();
+    Wd.resize(C_out * C_in);
+    for (int64_t c = 0; c < C_out; ++c)
+      for (int64_t k = 0; k < C_in; ++k) Wd[c * C_in + k] = wp[c * C_in + k] * scale[c];
   }
 
   at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(fmt_of(CL)));
   const Tiling tl(N, Ho, Wo);
   const int64_t lde = CL ? C_out : tl.tmax, ldp = CL ? C_in : tl.tmax;
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
-  // Stride > 1 saves the already-shifted pooled input: subtract nothing.
-  const at::Tensor sub = shift.defined() ? shift : at::zeros({C_in}, aopt);
-  const acc_t* shp = sub.const_data_ptr<acc_t>();
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
-  const acc_t *alp = ptr(al), *bep = ptr(be), *gap = ptr(ga), *mup = mean.const_data_ptr<acc_t>();
-  const Mat<acc_t> WdT = Mat<acc_t>{Wd.const_data_ptr<acc_t>(), C_in, false}.tr();
+  const std::vector<acc_t> no_shift(shift ? 0 : C_in, acc_t(0));
+  const acc_t* shp = shift ? shift : no_shift.data();
+  const acc_t *alp = al.data(), *bep = be.data(), *gap = ga.data();
+  const Mat<acc_t> WdT = Mat<acc_t>{training ? wp : Wd.data(), C_in, false}.tr();
   // Per-thread partial sums of dW, in the calling thread's scratch (only this call uses it)
   // or, when large, a buffer of this call. A thread's first tile overwrites its partial
   // (beta 0); a thread without tiles zeroes it.
@@ -733,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     acc_t* A = partial_dw + tid * C_out * C_in;
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t u0 = tl.u0(tile), u1 = tl.u1(tile), T = (u1 - u0) * Wo;
-      dy_tile<CL>(gp, yp, C_out, Ho, Wo, u0, u1, alp, bep, gap, mup, E, lde);
+      dy_tile<CL>(gp, yp, C_out, Ho, Wo, u0, u1, alp, bep, gap, mean, E, lde);
       load_tile<CL>(sp, C_in, Ho, Wo, 1, shp, Ho, Wo, u0, u1, P, ldp, 0, vrow.data());
       gemm<acc_t>(C_out, C_in, T, Mat<acc_t>{E, lde, CL}, Mat<acc_t>{P, ldp, !CL}, acc_t(has_tiles[tid] ? 1 : 0), A,
                   C_in, false);
@@ -742,55 +780,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       scatter_tile<CL>(dxp, C_in, H, W, s, Ho, Wo, u0, u1, static_cast<const acc_t*>(D), ldp);
     }
   });
+  // dW = the threads' partials summed in thread order; eval: A = sum g p^T, so
+  // dgamma = rstd (rowdot(W, A) - mean dbeta) and dW = diag(scale) A.
+  acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+  const int64_t CC = C_out * C_in;
+  std::fill(dwp, dwp + CC, acc_t(0));
   for (int i = 0; i < nthreads; ++i) {
-    if (!has_tiles[i]) std::fill(partial_dw + i * C_out * C_in, partial_dw + (i + 1) * C_out * C_in, acc_t(0));
+    if (!has_tiles[i]) continue;
+    const acc_t* part = partial_dw + i * CC;
+    for (int64_t j = 0; j < CC; ++j) dwp[j] += part[j];
   }
-  at::Tensor dW = at::from_blob(partial_dw, {nthreads, C_out, C_in}, aopt).sum(0);
   if (!training) {
-    // dgamma = rstd sum g (W p - mean), from A = sum g p^T.
-    dgamma = rstd * ((weight * dW).sum(1) - mean * dbeta);
-    dW.mul_(scale.unsqueeze(1));
+    for (int64_t c = 0; c < C_out; ++c) {
+      acc_t dot = 0;
+      for (int64_t k = 0; k < C_in; ++k) dot += wp[c * C_in + k] * dwp[c * C_in + k];
+      dgp[c] = rstd[c] * (dot - mean[c] * dbp[c]);
+      for (int64_t k = 0; k < C_in; ++k) dwp[c * C_in + k] *= scale[c];
+    }
   }
-  return {grad_x, dW, dgamma, dbeta};
+  return {grad_x, dgamma, dbeta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y_, const at::Tensor& shift,
-    const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight_, const at::Tensor& mean,
-    const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
+    const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y_, const at::Tensor& shift_,
+    const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight_, const at::Tensor& mean_,
+    const at::Tensor& var_, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
   const at::Tensor& bn_weight = hires::value_or_undefined(bn_weight_);
-  hires::check_backward(grad_out_, saved_, y_, shift, weight_, bn_weight, mean, var, stride, ceil_mode, in_h, in_w,
+  hires::check_backward(grad_out_, saved_, y_, shift_, weight_, bn_weight, mean_, var_, stride, ceil_mode, in_h, in_w,
                         training);
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto no_autocast = hires::no_autocast();
   const auto fmt = hires::saved_memory_format(saved_);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const auto acc = hires::accumulation_dtype(grad_out_.scalar_type());
-  const at::Tensor weight = weight_.detach().reshape({weight_.size(0), weight_.size(1)}).to(acc).contiguous();
-  const int64_t C_out = weight.size(0);
-  const at::Tensor grad_out = grad_out_.detach().contiguous(fmt), saved = saved_.detach().contiguous(fmt);
+  const int64_t C_out = weight_.size(0), C_in = weight_.size(1);
+  const at::Tensor weight = weight_.reshape({C_out, C_in}).to(acc).contiguous();
+  const at::Tensor grad_out = grad_out_.contiguous(fmt), saved = saved_.contiguous(fmt);
+  const at::Tensor shift = shift_.contiguous(), mean = mean_.contiguous(), var = var_.contiguous();
   at::Tensor y;
   if (training) {
     TORCH_CHECK_VALUE(y_.numel(), "projection_backward (cpu): training backward needs y, the conv output the cpu "
                                   "forward returned");
-    y = y_.detach().contiguous(fmt);
+    y = y_.contiguous(fmt);
   }
-  const at::Tensor gamma = bn_weight.defined() ? bn_weight.detach().to(acc).contiguous() : at::ones({C_out}, weight.options());
-  // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
-  const at::Tensor sub = stride == 1 ? shift.contiguous() : at::Tensor();
+  const at::Tensor gamma_t = bn_weight.defined() ? bn_weight.to(acc).contiguous() : at::Tensor();
+  // grad_weight in weight's own shape and dtype-of-accumulation, written as [C_out, C_in].
+  at::Tensor grad_w = at::empty(weight_.sizes(), weight.options());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "projection_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> ones(gamma_t.defined() ? 0 : C_out, acc_t(1));
+    const acc_t* gamma = gamma_t.defined() ? gamma_t.const_data_ptr<acc_t>() : ones.data();
+    const acc_t* shp = shift.const_data_ptr<acc_t>();
     auto impl = cl ? backward_impl<scalar_t, true> : backward_impl<scalar_t, false>;
-    result = impl(grad_out, saved, y, sub, weight, gamma, mean.contiguous(), var.contiguous(), stride, ceil_mode, in_h,
-                  in_w, training, eps);
+    // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
+    auto [grad_x, grad_gamma, grad_beta] =
+        impl(grad_out, saved, y, stride == 1 ? shp : nullptr, weight, gamma, mean.const_data_ptr<acc_t>(),
+             var.const_data_ptr<acc_t>(), stride, in_h, in_w, training, eps, grad_w);
+    if (!training) {
+      // dW = sum_m dy (p + shift)^T: the kernels summed dy p^T with the shifted p. (In
+      // training sum_m dy = 0, so the shift drops out exactly.)
+      acc_t* dwp = grad_w.mutable_data_ptr<acc_t>();
+      const acc_t *vp = var.const_data_ptr<acc_t>(), *dbp = grad_beta.const_data_ptr<acc_t>();
+      for (int64_t c = 0; c < C_out; ++c) {
+        const acc_t k = static_cast<acc_t>(gamma[c] / std::sqrt(static_cast<double>(vp[c]) + eps)) * dbp[c];
+        for (int64_t j = 0; j < C_in; ++j) dwp[c * C_in + j] += k * shp[j];
+      }
+    }
+    result = {grad_x, grad_w, grad_gamma, grad_beta};
   });
-  auto& [grad_x, grad_w, grad_gamma, grad_beta] = result;
-  if (!training) {
-    // dW = sum_m dy (p + shift)^T: the kernels summed dy p^T with the shifted p. (In
-    // training sum_m dy = 0, so the shift drops out exactly.)
-    grad_w.addr_(at::rsqrt(var + eps) * gamma * grad_beta, shift);
-  }
-  grad_w = grad_w.view(weight_.sizes());
   return result;
 }
 

@@ -19,6 +19,8 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+# Backends served by the compiled op (csrc/): one C++ call per direction.
+COMPILED = ("cpu", "cuda")
 ENV_VAR = "HIRES_BACKEND"
 
 # Backends whose training forward returns the conv output y = W p for backward to reuse
@@ -39,6 +41,11 @@ def _import(name: str) -> ModuleType | Exception:
 
 # Imported once, here: resolving a backend inside a torch.compile'd model must not import.
 _MODULES = {name: _import(name) for name in BACKENDS}
+
+
+# torch.ops.hires.projection: the cpu and cuda backends' one call (csrc/ops.cpp); None
+# when the extension is not built (then neither backend resolves).
+compiled_projection = getattr(_MODULES["cpu"], "projection", None)
 
 
 def _module(name: str) -> ModuleType:
@@ -103,5 +110,8 @@ def get(name: str) -> ModuleType:
 
 
 def keeps_conv_output(name: str) -> bool:
-    """Whether backend ``name``'s training forward returns y (else an empty tensor)."""
-    return name in _KEEPS_CONV_OUTPUT
+    """Whether backend ``name``'s training forward returns the conv output y for backward
+    to reuse (one GEMM fewer there, at the memory eager's conv output takes); the others
+    return an empty y and recompute it."""
+    return name in ("reference", "cpu")
+
