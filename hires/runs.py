@@ -166,17 +166,25 @@ def _read(path: Path):
         with torch.serialization.safe_globals([TorchVersion]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe or "Weights only load failed" in str(e):
-            what = f" (it asks for {unsafe.group(1)})" if unsafe else ""
+        reason = _unpickler_reason(str(e))
+        unsafe = re.search(r"GLOBAL (\S+)", reason)
+        if unsafe:
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects other than tensors and plain values{what}, "
-                f"and unpickling those can run code. hires train writes checkpoints without them; "
-                f"last.pt files of hires before checkpoint format {FORMAT} cannot be loaded safely") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+                f"refusing to load {path}: it asks to build the Python object {unsafe.group(1)}, and unpickling "
+                f"objects other than tensors and plain values can run code. hires train writes checkpoints "
+                f"without them (last.pt files of hires before checkpoint format {FORMAT} had some)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_DAMAGED} ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint: damaged, cut short or not written by "
-                              f"torch.save ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_DAMAGED} ({_first_line(e)})") from None
+
+
+_DAMAGED = "damaged, cut short or not written by torch.save"
+
+
+def _unpickler_reason(message: str) -> str:
+    """The unpickler's own reason inside torch's long weights_only message."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(Check the documentation|$)", message, re.S)
+    return " ".join((m.group(1) if m else _first_line(Exception(message))).split())
 
 
 def load_checkpoint(path, kind: str | None = None) -> dict:

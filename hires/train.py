@@ -291,7 +291,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["config"]["epochs"] == self.cfg.epochs:
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        else:
+        else:  # laid out again on the restored optimizer: its groups carry the schedule's settings
+            self.scheduler = make_scheduler(self.cfg.schedule, self.optimizer, self.cfg.lr,
+                                            self.cfg.epochs * self.steps_per_epoch)
             stretch_scheduler(self.scheduler, ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
