@@ -17,7 +17,7 @@ import itertools
 import statistics
 from pathlib import Path
 
-from .models import is_plain
+from .models import is_plain, list_models
 from .runs import RunFolder, read_metrics
 
 __all__ = ["add_arguments", "main", "collect", "table"]
@@ -26,7 +26,8 @@ __all__ = ["add_arguments", "main", "collect", "table"]
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="*", default=None,
                    help="existing run folders (or folders holding them) to aggregate instead of training")
-    p.add_argument("--models", nargs="*", default=None, help="models to train (grid mode)")
+    p.add_argument("--models", nargs="*", default=None, choices=list_models(), metavar="MODEL",
+                   help="models to train (grid mode)")
     p.add_argument("--sources", nargs="*", default=[None], help="projection sources (ignored for plain models)")
     p.add_argument("--sides", nargs="*", default=[None], help="projection sides (ignored for plain models)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0])

@@ -166,6 +166,29 @@ def test_resume_to_more_epochs_trains_them_like_a_straight_run(tmp_path):
     assert load_checkpoint(extended / "last.pt")["config"]["epochs"] == 2
 
 
+def test_short_run_warms_up_over_at_least_50_steps():
+    """The default schedule of a 16-step run (2 epochs of 512 images at batch 64, which
+    diverged with a 4-step warm-up) only rises, to 16/50 of the peak; a run of 200
+    steps or more keeps OneCycleLR's 25% warm-up."""
+    from hires.schedule import WARMUP_STEPS, make_scheduler
+
+    def rates(total):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05, momentum=0.9)
+        sched, out = make_scheduler("onecycle", opt, 0.05, total), []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    short = rates(16)
+    assert short == sorted(short) and short[-1] == pytest.approx(0.05 * 16 / WARMUP_STEPS)
+    mid = rates(120)
+    assert max(mid) == pytest.approx(0.05) and mid.index(max(mid)) == WARMUP_STEPS - 1
+    long = rates(400)
+    assert long.index(max(long)) == 99 and long[0] == pytest.approx(0.005)
+
+
 def test_stretched_schedule_continues_the_longer_layout():
     """After stretch_scheduler, the rates are those of a run laid out for the new length."""
     from hires.schedule import make_scheduler, stretch_scheduler
