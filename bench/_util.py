@@ -19,7 +19,6 @@ Nothing here asserts on speed: numbers go to ``benchmark.extra_info`` and from t
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -226,11 +225,6 @@ def floor_fields(floor_bytes: int, ms: float | None, copy_gbps: float) -> dict:
         info["pct_of_floor"] = 100.0 * floor_ms / ms
         info["x_floor"] = ms / floor_ms
     return info
-
-
-def geomean(values) -> float:
-    values = [v for v in values if v and v > 0]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def autocast_ctx(device, dtype):

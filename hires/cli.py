@@ -41,21 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``hires ARGV``; returns the exit status. A :class:`~hires.errors.UserError`
+    (a bad option, checkpoint, dataset or run folder) is one line on stderr and status 2."""
+    from .errors import UserError
+
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(args._module)
-    if args.command == "train":
-        return _train(module, args)
-    rc = module.main(args)
-    return rc if isinstance(rc, int) else 0
-
-
-def _train(module, args) -> int:
     try:
-        module.run(args)
-    except module.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        rc = importlib.import_module(args._module).main(args)
+    except UserError as e:
+        print(f"hires {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from pathlib import Path
 
-from .plot import read_metrics
+from .models import is_plain, list_models
+from .runs import RunFolder, read_metrics
 
 __all__ = ["add_arguments", "main", "collect", "table"]
 
@@ -26,7 +26,8 @@ __all__ = ["add_arguments", "main", "collect", "table"]
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="*", default=None,
                    help="existing run folders (or folders holding them) to aggregate instead of training")
-    p.add_argument("--models", nargs="*", default=None, help="models to train (grid mode)")
+    p.add_argument("--models", nargs="*", default=None, choices=list_models(), metavar="MODEL",
+                   help="models to train (grid mode)")
     p.add_argument("--sources", nargs="*", default=[None], help="projection sources (ignored for plain models)")
     p.add_argument("--sides", nargs="*", default=[None], help="projection sides (ignored for plain models)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
@@ -39,19 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _plain(model: str) -> bool:
-    """Whether ``model`` is a plain twin (no projections, so no sources/side to vary)."""
-    return not model.startswith("hi")
-
-
 def run_grid(args) -> list[Path]:
+    """Train every run of the grid that is not finished yet: resume those with a
+    last.pt, start the others afresh (replacing what a run killed in its first epoch
+    left); returns the run folders."""
     from . import train
 
     extra = [a for a in (args.train_args or []) if a != "--"]
     dirs = []
     for model in args.models:
-        plain = _plain(model)
-        grid = [(None, None)] if plain else list(itertools.product(args.sources, args.sides))
+        grid = [(None, None)] if is_plain(model) else list(itertools.product(args.sources, args.sides))
         for (src, side), seed in itertools.product(grid, args.seeds):
             name = "-".join(x for x in (model, src, side, f"s{seed}") if x)
             out = Path(args.out) / name
@@ -60,16 +58,16 @@ def run_grid(args) -> list[Path]:
                 argv += ["--sources", src]
             if side:
                 argv += ["--side", side]
-            targs = train.parse_args(argv)
-            done = (out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= targs.epochs
-            if done:
+            epochs = train.settings(train.parse_args(argv)).epochs
+            folder = RunFolder(out)
+            if folder.metrics.is_file() and len(read_metrics(out)) >= epochs:
                 print(f"[compare] {name}: already complete, skipping")
-            elif (out / "last.pt").is_file():
+            elif folder.last.is_file():
                 print(f"[compare] {name}: resuming")
-                train.run(train.parse_args(["--model", model, "--resume", str(out / "last.pt")]))
+                train.run(train.parse_args([*argv, "--resume", str(folder.last)]))
             else:
                 print(f"[compare] {name}")
-                train.run(targs)
+                train.run(train.parse_args([*argv, "--overwrite"]))
             dirs.append(out)
     return dirs
 
@@ -92,7 +90,7 @@ def collect(paths) -> dict:
     """{(model, sources, side, dataset): [run record, ...]} from run folders."""
     groups = {}
     for run in _find_runs(paths):
-        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        cfg = RunFolder(run).read_config()
         m = read_metrics(run)
         if not m:
             continue

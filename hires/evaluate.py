@@ -1,4 +1,5 @@
-"""``hires eval``: test accuracy and loss of a saved checkpoint (``last.pt`` or ``best.pt``)."""
+"""``hires eval``: test accuracy and loss of a saved checkpoint (``last.pt`` or ``best.pt``);
+:func:`evaluate` is the test loop that training uses too."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import argparse
 import json
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["add_arguments", "main", "load_checkpoint_model"]
+__all__ = ["add_arguments", "evaluate", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -24,41 +28,43 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def load_checkpoint_model(path, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a checkpoint written by :mod:`hires.train`."""
-    from .train import _model_kwargs, build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = ckpt["config"]
-    model = build_model(cfg["model"], cfg["num_classes"], **_model_kwargs(cfg))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp_dtype=None, world: int = 1) -> tuple[float, float]:
+    """(mean loss, accuracy in %) over the loader (summed over ranks when ``world`` > 1)."""
+    was_training = model.training
+    model.eval()
+    dev = loader.device
+    sums = torch.zeros(3, device=dev, dtype=torch.float64)
+    for x, y in loader:
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += y.numel()
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, correct, n = sums.tolist()
+    return loss / max(n, 1), 100.0 * correct / max(n, 1)
 
 
 def main(args: argparse.Namespace) -> int:
-    from .data import DeviceLoader, load_dataset
-    from .train import _amp_dtype, _resolve_device, evaluate
+    from .data import DeviceLoader
+    from .device import amp_dtype, resolve_device
+    from .runs import load_model, test_split
 
-    device = _resolve_device(args.device, 0)
-    model, ckpt = load_checkpoint_model(args.checkpoint, device)
-    cfg = ckpt["config"]
-    name = args.dataset or cfg["dataset"]
-    test = load_dataset(name, args.data or cfg.get("data"), train=False, download=cfg.get("download", True))
-    if test.num_classes != cfg["num_classes"]:
-        raise ValueError(f"{name} has {test.num_classes} classes but the model was trained for {cfg['num_classes']}")
-    norm = ckpt.get("normalization")
-    if norm:
-        test.mean, test.std = tuple(norm["mean"]), tuple(norm["std"])
-    test = test.subset(args.subset)
-    loader = DeviceLoader(test, args.batch_size, train=False, device=device,
-                          channels_last=device.type == "cuda")
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    test = test_split(ckpt, args.dataset, args.data).subset(args.subset)
+    loader = DeviceLoader(test, args.batch_size, train=False, device=device, channels_last=device.type == "cuda")
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    loss, acc = evaluate(model, loader, _amp_dtype(args.amp, device))
-    result = {"checkpoint": str(args.checkpoint), "model": cfg["model"], "dataset": name,
+    loss, acc = evaluate(model, loader, amp_dtype(args.amp, device))
+    name = ckpt["config"]["model"]
+    result = {"checkpoint": str(args.checkpoint), "model": name, "dataset": args.dataset or ckpt["config"]["dataset"],
               "images": len(test), "test_loss": loss, "test_acc": acc}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{cfg['model']} on {name} ({len(test)} test images): loss {loss:.4f}, accuracy {acc:.2f}%")
+        print(f"{name} on {result['dataset']} ({len(test)} test images): loss {loss:.4f}, accuracy {acc:.2f}%")
     return 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-__all__ = ["add_arguments", "main", "read_metrics", "plot_runs"]
+from .runs import read_metrics
+
+__all__ = ["add_arguments", "main", "plot_runs"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -15,14 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="*", default=None, help="legend labels (default: folder names)")
     p.add_argument("--title", default=None)
     return p
-
-
-def read_metrics(run) -> list[dict]:
-    """The per-epoch records of ``run/metrics.jsonl``."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a hires train output folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_runs(runs, out, labels=None, title=None) -> Path:

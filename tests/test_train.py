@@ -52,7 +52,7 @@ def test_real_cifar10_learns(tmp_path):
 
 
 def _final_state(out):
-    return torch.load(out / "last.pt", weights_only=False)
+    return torch.load(out / "last.pt", weights_only=True)
 
 
 def test_resume_after_interrupt_is_exact(tmp_path):

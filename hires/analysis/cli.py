@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 __all__ = ["add_arguments", "main"]
 
@@ -34,28 +33,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hires.data import DatasetNotFoundError
-    from hires.train import _resolve_device
+    from hires.device import resolve_device
+    from hires.errors import UserError
+    from hires.runs import load_model
 
-    from ._io import load_checkpoint, test_data
     from .report import analyze
 
     try:
-        device = _resolve_device(args.device, 0)
-        model, ckpt = load_checkpoint(args.checkpoint, device=device, fused=args.fused)
+        device = resolve_device(args.device)
+        model, ckpt = load_model(args.checkpoint, device=device, fused=args.fused)
         contrast = None
         if args.contrast:
-            contrast, _ = load_checkpoint(args.contrast, device=device, fused=args.fused)
-        images, labels, loader = test_data(ckpt, args.dataset, args.data, device=device,
-                                           batch_size=args.batch_size, num_images=args.num_images,
-                                           ablation_images=args.ablation_images)
+            contrast, _ = load_model(args.contrast, device=device, fused=args.fused)
+        images, labels, loader = _test_data(ckpt, args.dataset, args.data, device=device,
+                                            batch_size=args.batch_size, num_images=args.num_images,
+                                            ablation_images=args.ablation_images)
         report = analyze(model, images, labels, test_loader=loader, out_dir=args.out, contrast=contrast,
                          num_feature_images=args.feature_images, batch_size=args.batch_size,
                          progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, DatasetNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError, DatasetNotFoundError) as e:
         print(f"hires analyze: error: {e}", file=sys.stderr)
         return 2
     _summary(report, Path(args.out))
     return 0
+
+
+def _test_data(ckpt: dict, dataset: str | None, data, *, device, batch_size: int, num_images: int,
+               ablation_images: int | None):
+    """``(images, labels, test_loader)``: a class-balanced subset of ``num_images``
+    test images (normalised as in training) for the statistics, and a loader over the
+    test split (or a class-balanced subset of ``ablation_images``) for the ablation."""
+    from hires.data import DeviceLoader, normalize
+    from hires.runs import test_split
+
+    test = test_split(ckpt, dataset, data)
+    fixed = test.subset(num_images, seed=0)
+    images = normalize(fixed.images, fixed.mean, fixed.std)
+    loader = DeviceLoader(test.subset(ablation_images, seed=0), batch_size, train=False, device=device)
+    return images, fixed.labels, loader
 
 
 def _summary(report: dict, out: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .archive import data_source, iter_files, list_files
 from .base import ImageData
-from .cache import DatasetNotFoundError, cached_arrays, source_key
+from .cache import DatasetNotFoundError, cached_arrays, check_splits, source_key
 
 __all__ = ["load_imagefolder", "decode_images"]
 
@@ -77,6 +77,12 @@ def _find_tree(files: list[str], where: Path):
         f"found {len(files)} files")
 
 
+def _class_folders(files: list[str], split: str) -> list[str]:
+    """The sorted sub-folders of ``split`` (a prefix ending in "/") that hold image files."""
+    return sorted({f[len(split):].split("/")[0] for f in files
+                   if f.startswith(split) and f.count("/") > split.count("/") and f.lower().endswith(IMAGE_EXTENSIONS)})
+
+
 def load_imagefolder(path, train: bool = True) -> ImageData:
     """Load the train or test split of an ImageFolder tree (folder or .tar.gz / .zip)."""
     path = data_source(path, "ImageFolder data not found: {path} does not exist "
@@ -86,8 +92,11 @@ def load_imagefolder(path, train: bool = True) -> ImageData:
         files = list_files(path)
         prefix, tr, te = _find_tree(files, path)
         head = f"{prefix}/" if prefix else ""
-        classes = sorted({f[len(head) + len(tr) + 1:].split("/")[0] for f in files
-                          if f.startswith(f"{head}{tr}/") and f.count("/") > head.count("/") + 1})
+        classes = _class_folders(files, f"{head}{tr}/")
+        unknown = sorted(set(_class_folders(files, f"{head}{te}/")) - set(classes))
+        if unknown:
+            raise DatasetNotFoundError(f"{path}: class folder(s) {', '.join(unknown)} of split {te!r} have no "
+                                       f"training images in {tr!r}, so a model cannot learn them")
         index = {c: i for i, c in enumerate(classes)}
         splits = {tr: ([], [], []), te: ([], [], [])}
 
@@ -122,7 +131,7 @@ def load_imagefolder(path, train: bool = True) -> ImageData:
             out[f"{key}_y"] = np.array(labels, dtype=np.int64)[order]
         return out
 
-    arrays = cached_arrays(f"imagefolder-{source_key(path)}", build)
+    arrays = cached_arrays(f"imagefolder-{source_key(path)}", build, check_splits)
     split = "train" if train else "test"
     data = ImageData(arrays[f"{split}_x"], arrays[f"{split}_y"], [str(c) for c in arrays["classes"]],
                      name="imagefolder")

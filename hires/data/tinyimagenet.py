@@ -16,7 +16,7 @@ import numpy as np
 
 from .archive import data_source, iter_files, list_files
 from .base import ImageData
-from .cache import DatasetNotFoundError, cached_arrays, source_key
+from .cache import DatasetNotFoundError, cached_arrays, check_splits, source_key
 from .imagefolder import decode_images
 
 __all__ = ["load_tinyimagenet"]
@@ -78,7 +78,7 @@ def load_tinyimagenet(root, train: bool = True) -> ImageData:
             out[f"{key}_y"] = np.array(labels, dtype=np.int64)[order]
         return out
 
-    arrays = cached_arrays(f"tinyimagenet-{source_key(path)}", build)
+    arrays = cached_arrays(f"tinyimagenet-{source_key(path)}", build, check_splits)
     key = "train" if train else "test"
     return ImageData(arrays[f"{key}_x"], arrays[f"{key}_y"], [str(c) for c in arrays["classes"]],
                      MEAN, STD, name="tinyimagenet")
