@@ -267,113 +267,148 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    clock = Clock(args.budget)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty: every run needs a fresh folder, choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    common = ["--dataset", args.dataset, "--data", str(args.data), "--batch-size", str(args.batch_size),
-              "--device", str(device), "--amp", "bf16" if device.type == "cuda" else "off", "--no-progress"]
-    for flag, value in (("--subset", args.subset), ("--test-subset", args.test_subset),
-                        ("--model-kwargs", args.model_kwargs)):
-        if value is not None:
-            common += [flag, str(value)]
-    record = {"argv": sys.argv[1:] if argv is None else list(argv), "settings": vars(args),
-              "common_train_args": common, "budget_s": args.budget, "reserve_s": RESERVE_S,
-              "environment": environment(device), "stages": {}, "probes": {}, "runs": []}
-    plan_path = out / "plan.json"
-    _write_json(plan_path, record)
+class Experiment:
+    """The script's state: settings, clock, output folder and the plan.json record,
+    which is rewritten after every stage so a hard stop still leaves what was done."""
 
-    clock.say(f"data: loading {args.data} (decoded once into the cache) on {device}")
-    from hires.data import load_dataset
+    def __init__(self, args: argparse.Namespace, argv: list[str]):
+        self.args, self.clock, self.out = args, Clock(args.budget), Path(args.out)
+        if self.out.exists() and any(self.out.iterdir()):
+            raise SystemExit(f"{self.out} is not empty: every run needs a fresh folder, choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if args.device == "auto" else args.device)
+        self.common = ["--dataset", args.dataset, "--data", str(args.data), "--batch-size", str(args.batch_size),
+                       "--device", str(self.device), "--amp", "bf16" if self.device.type == "cuda" else "off",
+                       "--no-progress"]
+        for flag, value in (("--subset", args.subset), ("--test-subset", args.test_subset),
+                            ("--model-kwargs", args.model_kwargs)):
+            if value is not None:
+                self.common += [flag, str(value)]
+        self.record = {"argv": argv, "settings": vars(args), "common_train_args": self.common,
+                       "budget_s": args.budget, "reserve_s": RESERVE_S, "environment": environment(self.device),
+                       "stages": {}, "probes": {}, "runs": []}
+        self.save()
 
-    t0 = time.perf_counter()
-    train_set = load_dataset(args.dataset, args.data, train=True)
-    test_set = load_dataset(args.dataset, args.data, train=False)
-    if device.type == "cuda":
-        torch.zeros(1, device=device)   # start CUDA here, not inside the first probe
-    record["stages"]["data_s"] = time.perf_counter() - t0
-    record["data"] = {"train_images": args.subset or len(train_set), "test_images": args.test_subset or len(test_set),
-                      "classes": train_set.classes}
-    del train_set, test_set
+    def save(self) -> None:
+        _write_json(self.out / "plan.json", self.record)
 
-    runs = plan_runs(args.seeds, args.ablation_seeds)
-    probe_epochs = min(2, args.epochs)
-    for r in probe_runs(runs):
-        clock.say(f"probe {r.kind}: {probe_epochs} epoch(s)")
-        folder = out / "probe" / r.kind
-        status, wall, error = train([*r.train_args(), *common, "--epochs", str(probe_epochs),
-                                     "--out", str(folder)], None)
-        if status != "done":
-            raise SystemExit(f"probe {r.kind} failed ({error}); see the log above")
-        secs = [m["seconds"] for m in read_metrics(folder)]
-        probe = {"epoch1_s": secs[0], "epoch_s": secs[-1], "startup_s": max(wall - sum(secs), 0.0), "wall_s": wall}
-        probe["estimate_s"] = estimate_seconds(probe, args.epochs)
-        record["probes"][r.kind] = probe
-        clock.say(f"probe {r.kind}: epoch 1 {secs[0]:.1f} s, epoch {len(secs)} {secs[-1]:.1f} s, "
-                  f"startup {probe['startup_s']:.1f} s -> about {probe['estimate_s']:.0f} s per {args.epochs}-epoch run")
-    estimates = {k: p["estimate_s"] for k, p in record["probes"].items()}
-    kept, cut = fit_budget(runs, estimates, clock.left())
-    entries = {r.name: {**asdict(r), "status": "planned", "estimate_s": estimates[r.kind]} for r in runs}
-    for r in cut:
-        entries[r.name].update(status="cut", reason=f"plan: estimated {estimates[r.kind]:.0f} s did not fit "
-                                                    f"the {clock.left():.0f} s left after the probes")
-    record["runs"] = list(entries.values())
-    record["stages"]["probes_end_s"] = clock.elapsed()
-    _write_json(plan_path, record)
-    clock.say(f"plan: {len(kept)} of {len(runs)} runs" + (f"; cut: {', '.join(r.name for r in cut)}" if cut else ""))
+    def load_data(self) -> None:
+        """Decode the archive into the cache once (hires.data), so no run pays for it."""
+        from hires.data import load_dataset
 
-    for i, r in enumerate(kept, 1):
-        entry, est = entries[r.name], estimates[r.kind]
-        left = clock.left()
-        if left is not None and est > left:
-            for later in kept[i - 1:]:
-                entries[later.name].update(status="cut", reason=f"run time: {r.name} estimated {est:.0f} s, "
-                                                                 f"{left:.0f} s left")
-            clock.say(f"cut {', '.join(x.name for x in kept[i - 1:])}: {r.name} estimated {est:.0f} s, {left:.0f} s left")
-            _write_json(plan_path, record)
-            break
-        limit = None if left is None else min(OVERRUN * est + SLACK_S, left)
-        argv = [*r.train_args(), *common, "--epochs", str(args.epochs), "--out", str(out / "runs" / r.name)]
-        entry["command"] = "hires train " + shlex.join(argv)
-        clock.say(f"run {i}/{len(kept)} {r.name} (estimated {est:.0f} s"
-                  + ("" if limit is None else f", stopped at {limit:.0f} s") + ")")
-        status, wall, error = train(argv, limit)
-        done_epochs = len(read_metrics(out / "runs" / r.name)) if (out / "runs" / r.name / "metrics.jsonl").is_file() else 0
-        if status == "done" and done_epochs < args.epochs:
-            status = "stopped"
-        entry.update(status=status, wall_s=wall, epochs_done=done_epochs, error=error)
-        if status == "done":
-            estimates[r.kind] = wall   # the latest measured run is the best guess for the next one
-        clock.say(f"{r.name}: {status} after {wall:.0f} s ({done_epochs}/{args.epochs} epochs)")
-        _write_json(plan_path, record)
+        args = self.args
+        self.clock.say(f"data: loading {args.data} (decoded once into the cache) on {self.device}")
+        t0 = time.perf_counter()
+        train_set = load_dataset(args.dataset, args.data, train=True)
+        test_set = load_dataset(args.dataset, args.data, train=False)
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)   # start CUDA here, not inside the first probe
+        self.record["stages"]["data_s"] = time.perf_counter() - t0
+        self.record["data"] = {"train_images": args.subset or len(train_set),
+                               "test_images": args.test_subset or len(test_set), "classes": train_set.classes}
+        self.save()
 
-    source = next((entries[r.name] for r in kept if r.group == paper_report.MAIN_GROUP
-                   and entries[r.name]["status"] == "done"), None)
-    if source is not None:
-        ckpt = out / "runs" / source["name"] / "best.pt"
-        argv = ["--checkpoint", str(ckpt), "--out", str(out / "analysis"), "--device", str(device),
-                "--batch-size", str(args.batch_size), "--no-progress"]
-        if args.test_subset:
-            argv += ["--ablation-images", str(args.test_subset)]
-        clock.say(f"hires analyze {ckpt}")
+    def probe(self, runs: list[Run]) -> dict[str, float]:
+        """Time a short run of each kind; ``{kind: estimated seconds of a full run}``.
+        A kind whose probe fails or overruns gets no estimate (its runs are not made)."""
+        epochs = min(2, self.args.epochs)
+        for r in probe_runs(runs):
+            self.clock.say(f"probe {r.kind}: {epochs} epoch(s)")
+            folder = self.out / "probe" / r.kind
+            status, wall, error = train([*r.train_args(), *self.common, "--epochs", str(epochs),
+                                         "--out", str(folder)], self.clock.left())
+            if status != "done":
+                self.record["probes"][r.kind] = {"status": status, "error": error}
+                self.clock.say(f"probe {r.kind}: {status} ({error}); its runs are left out")
+                continue
+            secs = [m["seconds"] for m in read_metrics(folder)]
+            p = {"status": "done", "epoch1_s": secs[0], "epoch_s": secs[-1],
+                 "startup_s": max(wall - sum(secs), 0.0), "wall_s": wall}
+            p["estimate_s"] = estimate_seconds(p, self.args.epochs)
+            self.record["probes"][r.kind] = p
+            self.clock.say(f"probe {r.kind}: epoch 1 {secs[0]:.1f} s, epoch {len(secs)} {secs[-1]:.1f} s, startup "
+                           f"{p['startup_s']:.1f} s -> about {p['estimate_s']:.0f} s per {self.args.epochs}-epoch run")
+        self.record["stages"]["probes_end_s"] = self.clock.elapsed()
+        return {k: p["estimate_s"] for k, p in self.record["probes"].items() if p["status"] == "done"}
+
+    def train_all(self, runs: list[Run], estimates: dict[str, float]) -> dict[str, dict]:
+        """Plan within the budget, then train the kept runs; ``{name: plan.json entry}``."""
+        entries = {r.name: {**asdict(r), "status": "planned", "estimate_s": estimates.get(r.kind)} for r in runs}
+        self.record["runs"] = list(entries.values())
+        for r in runs:
+            if r.kind not in estimates:    # stopped: no time left; failed: the error is in the probe's record
+                probe = self.record["probes"][r.kind]["status"]
+                entries[r.name].update(status="cut" if probe == "stopped" else "failed",
+                                       reason=f"the {r.kind} probe was {probe}")
+        runs = [r for r in runs if r.kind in estimates]
+        available = self.clock.left()
+        kept, cut = fit_budget(runs, estimates, available)
+        for r in cut:
+            entries[r.name].update(status="cut", reason=f"plan: did not fit the {available:.0f} s left after the probes")
+        self.save()
+        self.clock.say(f"plan: {len(kept)} of {len(entries)} runs"
+                       + (f"; cut: {', '.join(r.name for r in cut)}" if cut else ""))
+        for i, r in enumerate(kept, 1):
+            entry, est, left = entries[r.name], estimates[r.kind], self.clock.left()
+            if left is not None and est > left:
+                for later in kept[i - 1:]:
+                    entries[later.name].update(status="cut", reason=f"run time: {r.name} estimated {est:.0f} s, "
+                                                                     f"{left:.0f} s left")
+                self.clock.say(f"cut {', '.join(x.name for x in kept[i - 1:])}: {r.name} estimated {est:.0f} s, "
+                               f"{left:.0f} s left")
+                break
+            limit = None if left is None else min(OVERRUN * est + SLACK_S, left)
+            folder = self.out / "runs" / r.name
+            argv = [*r.train_args(), *self.common, "--epochs", str(self.args.epochs), "--out", str(folder)]
+            entry["command"] = "hires train " + shlex.join(argv)
+            self.clock.say(f"run {i}/{len(kept)} {r.name} (estimated {est:.0f} s"
+                           + ("" if limit is None else f", stopped at {limit:.0f} s") + ")")
+            status, wall, error = train(argv, limit)
+            epochs = len(read_metrics(folder)) if (folder / "metrics.jsonl").is_file() else 0
+            if status == "done" and epochs < self.args.epochs:
+                status = "stopped"
+            entry.update(status=status, wall_s=wall, epochs_done=epochs, error=error)
+            if status == "done":
+                estimates[r.kind] = wall   # the latest measured run is the best guess for the next one
+            self.clock.say(f"{r.name}: {status} after {wall:.0f} s ({epochs}/{self.args.epochs} epochs)")
+            self.save()
+        self.save()
+        return entries
+
+    def analyze(self, runs: list[Run], entries: dict[str, dict]) -> None:
+        """`hires analyze` on the first finished run of hiresnet18 all/output."""
+        source = next((r.name for r in runs if r.group == paper_report.MAIN_GROUP
+                       and entries[r.name]["status"] == "done"), None)
+        if source is None:
+            return
+        argv = ["--checkpoint", str(self.out / "runs" / source / "best.pt"), "--out", str(self.out / "analysis"),
+                "--device", str(self.device), "--batch-size", str(self.args.batch_size), "--no-progress"]
+        if self.args.test_subset:
+            argv += ["--ablation-images", str(self.args.test_subset)]
+        self.clock.say(f"hires analyze {source}")
         t0 = time.perf_counter()
         rc = cli.main(["analyze", *argv])
-        record["analysis"] = {"run": source["name"], "command": "hires analyze " + shlex.join(argv),
-                              "status": "done" if rc == 0 else f"failed (exit {rc})",
-                              "wall_s": time.perf_counter() - t0}
-    record["stages"]["total_s"] = clock.elapsed()
-    _write_json(plan_path, record)
+        self.record["analysis"] = {"run": source, "command": "hires analyze " + shlex.join(argv),
+                                   "status": "done" if rc == 0 else f"failed (exit {rc})",
+                                   "wall_s": time.perf_counter() - t0}
+        self.save()
 
-    report = Path(args.report) if args.report else out / "RESULTS.md"
-    paper_report.write_report(out, report, Path(args.figures) if args.figures else None)
-    clock.say(f"wrote {report}")
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    exp = Experiment(args, argv)
+    exp.load_data()
+    runs = plan_runs(args.seeds, args.ablation_seeds)
+    entries = exp.train_all(runs, exp.probe(runs))
+    exp.analyze(runs, entries)
+    exp.record["stages"]["total_s"] = exp.clock.elapsed()
+    exp.save()
+    report = Path(args.report) if args.report else exp.out / "RESULTS.md"
+    paper_report.write_report(exp.out, report, Path(args.figures) if args.figures else None)
+    exp.clock.say(f"wrote {report}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -208,8 +208,10 @@ def analysis_section(out: Path, plan: dict, figures: Path, report_dir: Path) -> 
     """What `hires analyze` found: addend shares, cosines, ablation drops, figures."""
     info = plan.get("analysis")
     path = out / "analysis" / "analysis.json"
-    if not info or not path.is_file():
-        return "`hires analyze` did not run (no finished hiresnet18 run or no time left).\n"
+    if not info:
+        return "`hires analyze` did not run: no hiresnet18 all/output run finished.\n"
+    if not path.is_file():
+        return f"`{info['command']}` {info['status']}; see the log.\n"
     a = json.loads(path.read_text())
     abl = a.get("ablation") or {}
     base, every = abl.get("baseline_accuracy"), abl.get("all_projections") or {}
@@ -264,20 +266,24 @@ def setup_section(plan: dict) -> str:
              f"5e-4, OneCycle (peak lr 0.1 x batch / 128), {amp}, random crop + flip; main runs with eager "
              f"projections (`--no-fused`), the check run with the fused op."
              + (f" Model options: `{s['model_kwargs']}`." if s.get("model_kwargs") else ""),
-             f"- Time budget: {plan['budget_s'] or 'none'} s for the script"
+             f"- Time budget: " + (f"{plan['budget_s']:g} s" if plan["budget_s"] else "none") + " for the script"
              + (f" (reserve {plan['reserve_s']:.0f} s for analysis and report)" if plan["budget_s"] else "")
              + f"; data decoding and loading took {plan['stages'].get('data_s', 0):.0f} s; whole script "
              f"{plan['stages'].get('total_s', 0):.0f} s."]
     lines += ["", "Measured first (probes, before the plan): one epoch, then the estimate of a full run.", "",
               "| kind | epoch 1 (s) | later epoch (s) | startup (s) | estimated run (s) |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {p['epoch1_s']:.1f} | {p['epoch_s']:.1f} | {p['startup_s']:.1f} | {p['estimate_s']:.0f} |"
+              if p["status"] == "done" else f"| {k} | {p['status']}: {p.get('error') or 'over the time left'} | | | |"
               for k, p in plan["probes"].items()]
-    cut = [e for e in plan["runs"] if e["status"] != "done"]
-    lines += ["", "Runs not in the statistics: " + ("none; every planned run finished." if not cut else
-              "; ".join(f"`{e['name']}` {e['status']}" + (f" ({e.get('reason') or e.get('error')})"
-                                                          if e.get("reason") or e.get("error") else "")
-                        for e in cut)
-              + ". Seeds were cut, never epochs.")]
+    missing: dict[str, list[str]] = {}
+    for e in plan["runs"]:
+        if e["status"] != "done":
+            why = e.get("reason") or e.get("error")
+            missing.setdefault(e["status"] + (f" ({why})" if why else ""), []).append(f"`{e['name']}`")
+    lines += ["", "Runs not in the statistics: " + ("none; every planned run finished." if not missing else
+              "; ".join(f"{', '.join(names)} {why}" for why, names in missing.items())
+              + ". A cut run is a whole seed left out, never a shorter run; a stopped run (past its time limit) "
+              "is left out of the statistics.")]
     return "\n".join(lines) + "\n"
 
 

@@ -27,9 +27,9 @@ import paper_cifar10  # noqa: E402
 import paper_report  # noqa: E402
 
 
-def write_imagefolder(path: Path, train_per_class: int = 26, test_per_class: int = 10) -> Path:
-    """A 10-class ImageFolder .tar.gz of 32x32 JPEGs: a class colour plus noise, so a
-    model can learn something in one epoch."""
+def write_imagefolder(path: Path, train_per_class: int = 13, test_per_class: int = 5) -> Path:
+    """A 10-class ImageFolder .tar.gz of 16x16 JPEGs (small, so the test is quick): a
+    class colour plus noise, so a model can learn something in one epoch."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ def write_imagefolder(path: Path, train_per_class: int = 26, test_per_class: int
         for split, n in (("train", train_per_class), ("test", test_per_class)):
             for c in range(10):
                 for i in range(n):
-                    pixels = np.clip(colours[c] + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    pixels = np.clip(colours[c] + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
                     buf = io.BytesIO()
                     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
                     info = tarfile.TarInfo(f"synth/{split}/class{c}/{i:04d}.jpg")
@@ -100,18 +100,26 @@ def _check_report(out: Path, report_path: Path, seeds: dict[str, int]) -> None:
     assert plan["probes"].keys() == {"resnet18", "hiresnet18", "hiresnet18-fused"}
 
 
-def test_script_end_to_end_on_cpu(tmp_path):
-    """The whole script (3 probes, 7 runs, hires analyze, report) on 256 of 260 synthetic
-    images for 1 epoch with a very narrow model: about 30 s on 2 idle cores."""
-    data = write_imagefolder(tmp_path / "synth.tar.gz")
-    out, report = tmp_path / "out", tmp_path / "report" / "RESULTS.md"
-    env = {**os.environ, "HIRES_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out), "--report", str(report),
-                           "--subset", "256", "--test-subset", "100", "--epochs", "1", "--batch-size", "64",
-                           "--seeds", "2", "--ablation-seeds", "1", "--model-kwargs", TINY, "--device", "cpu"],
+def _script(tmp_path: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run the script on 128 training and 50 test images, 1 epoch, a very narrow model,
+    2 seeds of the main models and 1 of the others; it must succeed."""
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "HIRES_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",   # tiny tensors
+           "PYTHONPATH": os.pathsep.join(path)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out), "--subset", "128",
+                           "--test-subset", "50", "--epochs", "1", "--batch-size", "32", "--seeds", "2",
+                           "--ablation-seeds", "1", "--model-kwargs", TINY, "--device", "cpu", *extra],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_script_end_to_end_on_cpu(tmp_path):
+    """The whole script (3 probes, 7 runs, hires analyze, report) on a synthetic
+    ImageFolder archive: about 10 s on 2 cores."""
+    data = write_imagefolder(tmp_path / "synth.tar.gz")
+    out, report = tmp_path / "out", tmp_path / "report" / "RESULTS.md"
+    proc = _script(tmp_path, data, out, "--report", str(report))
     assert "[paper" in proc.stdout and "plan: 7 of 7 runs" in proc.stdout        # progress lines
     _check_report(out, report, {"resnet18": 2, "hiresnet18 all/output": 2, "hiresnet18 all/output fused": 1,
                                 "hiresnet18 stem/output": 1, "hiresnet18 all/input": 1})
@@ -125,6 +133,21 @@ def test_script_end_to_end_on_cpu(tmp_path):
     # a used --out is refused: every run needs a fresh folder
     with pytest.raises(SystemExit, match="not empty"):
         paper_cifar10.main(["--data", str(data), "--out", str(out)])
+
+
+def test_budget_too_small_cuts_every_run_and_says_so(tmp_path):
+    """With no time left the probes are stopped and every run is cut, and the report
+    says what is missing instead of inventing numbers."""
+    out = tmp_path / "out"
+    proc = _script(tmp_path, write_imagefolder(tmp_path / "synth.tar.gz"), out, "--budget", "1")
+    assert "plan: 0 of 7 runs" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(p["status"] == "stopped" for p in plan["probes"].values())
+    assert all(e["status"] == "cut" and "probe was stopped" in e["reason"] for e in plan["runs"])
+    assert not (out / "runs").exists() and "analysis" not in plan
+    report = (out / "RESULTS.md").read_text()
+    assert "Not enough finished runs" in report and "the check is open" in report and "did not run" in report
+    assert all(f"`{e['name']}`" in report.split("Runs not in the statistics")[1] for e in plan["runs"])
 
 
 def test_plan_cuts_seeds_not_configurations():
