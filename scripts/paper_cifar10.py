@@ -34,7 +34,8 @@ starts when it starts; within the budget:
    kind: resnet18, hiresnet18 eager, hiresnet18 fused. A run of that kind is estimated
    at startup + epoch 1 + (E - 1) x epoch 2, where startup is the wall time outside the
    epochs (model, data to the device). The fused probe also pays Triton's compilation,
-   which its full run then finds in Triton's cache. About 20 s for the three.
+   which its full run then finds in Triton's cache. About 20 s for the three; a probe
+   that fails, or runs past the time left (at most 120 s), leaves its kind's runs out.
 3. plan: the runs in priority order, seed 0 of every configuration (resnet18,
    hiresnet18, the fused check, stem, input), then seed 1 of resnet18, hiresnet18, stem,
    input, then seed 2 of resnet18 and hiresnet18. A run is kept while its estimate fits
@@ -84,6 +85,8 @@ RESERVE_S = 45.0
 #: A run is stopped when it takes this much longer than its estimate (plus SLACK_S).
 OVERRUN = 1.5
 SLACK_S = 15.0
+#: A probe is stopped after this long (a backstop: on an H200 the slowest takes about 20 s).
+PROBE_LIMIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -305,8 +308,9 @@ class Experiment:
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)   # start CUDA here, not inside the first probe
         self.record["stages"]["data_s"] = time.perf_counter() - t0
-        self.record["data"] = {"train_images": args.subset or len(train_set),
-                               "test_images": args.test_subset or len(test_set), "classes": train_set.classes}
+        self.record["data"] = {"train_images": min(args.subset or len(train_set), len(train_set)),
+                               "test_images": min(args.test_subset or len(test_set), len(test_set)),
+                               "classes": train_set.classes}
         self.save()
 
     def probe(self, runs: list[Run]) -> dict[str, float]:
@@ -316,11 +320,12 @@ class Experiment:
         for r in probe_runs(runs):
             self.clock.say(f"probe {r.kind}: {epochs} epoch(s)")
             folder = self.out / "probe" / r.kind
+            left = self.clock.left()
             status, wall, error = train([*r.train_args(), *self.common, "--epochs", str(epochs),
-                                         "--out", str(folder)], self.clock.left())
+                                         "--out", str(folder)], None if left is None else min(left, PROBE_LIMIT_S))
             if status != "done":
                 self.record["probes"][r.kind] = {"status": status, "error": error}
-                self.clock.say(f"probe {r.kind}: {status} ({error}); its runs are left out")
+                self.clock.say(f"probe {r.kind}: {status}{f' ({error})' if error else ''}; its runs are left out")
                 continue
             secs = [m["seconds"] for m in read_metrics(folder)]
             p = {"status": "done", "epoch1_s": secs[0], "epoch_s": secs[-1],

@@ -5,14 +5,16 @@
 # Here, before the call (../shared does not travel; /.data/ is git-ignored):
 #   mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
 # The call, through the device tool: carry [".data"], timeout_s 540, command
-#   bash scripts/paper_cifar10_gpu.sh
+#   bash scripts/paper_cifar10_gpu.sh [more paper_cifar10.py options, e.g. --seeds 2]
+# (DEVICE=cpu with --subset/--epochs 1 tries the same steps on a CPU machine.)
 # Back here: RESULTS.md and its figures come back as they are (links relative to $OUT);
 # for the repository, regenerate them from the runs (metrics, configs, plan, analysis):
 #   mkdir -p .data/paper && tar -xzf FILES_AT/runs.tar.gz -C .data/paper
-#   python scripts/paper_report.py .data/paper --report RESULTS.md --figures docs/figures
+#   python scripts/paper_report.py .data/paper --report RESULTS.md --figures docs/figures \
+#       --commit "$(git rev-parse --short HEAD)"     # the copy sent has no git metadata
 #
 # Stages and their limits (the sum is 540 s):
-#   env       10 s   GPU, driver, versions, date -> $OUT/env.txt
+#   env       10 s   GPU, driver, versions, date -> $OUT/env.txt (import torch: a few s)
 #   paper    495 s   paper_cifar10.py --budget 470: it plans, cuts seeds and stops runs itself
 #                    to end within 470 s; the limit only backs that up -> $OUT/paper.log
 #   report    20 s   only if paper did not write RESULTS.md: the report of what finished
@@ -24,21 +26,23 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/.gpu-out}"
 DATA="${HIRES_CIFAR10_TAR:-$PWD/.data/cifar10-jpeg.tar.gz}"
 BUDGET="${BUDGET:-470}"
+DEVICE="${DEVICE:-cuda}"
+PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HIRES_CACHE="${HIRES_CACHE:-/tmp/hires-cache}"
 mkdir -p "$OUT"
 work=$(mktemp -d /tmp/paper-cifar10.XXXXXX)   # fresh and empty: the script refuses used folders
 
-timeout 10 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)"
-  date -u; git log -1 --format="commit %h %s" 2>/dev/null' >"$OUT/env.txt" 2>&1
+{ timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  timeout 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  date -u; git log -1 --format='commit %h %s' 2>/dev/null; } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 set -o pipefail
-timeout -k 10 $((BUDGET + 25)) python3 scripts/paper_cifar10.py --data "$DATA" --out "$work" \
-  --report "$OUT/RESULTS.md" --budget "$BUDGET" --device cuda 2>&1 | tee "$OUT/paper.log"
+timeout -k 10 $((BUDGET + 25)) "$PY" scripts/paper_cifar10.py --data "$DATA" --out "$work" \
+  --report "$OUT/RESULTS.md" --budget "$BUDGET" --device "$DEVICE" "$@" 2>&1 | tee "$OUT/paper.log"
 echo "== paper: rc=$? at ${SECONDS} s"
 if [ ! -f "$OUT/RESULTS.md" ] && [ -f "$work/plan.json" ]; then
-  timeout -k 5 20 python3 scripts/paper_report.py "$work" --report "$OUT/RESULTS.md" 2>&1 | tail -n 20
+  timeout -k 5 20 "$PY" scripts/paper_report.py "$work" --report "$OUT/RESULTS.md" 2>&1 | tail -n 20
 fi
 timeout 15 tar -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.tmp*' -C "$work" .
 echo "== packed at ${SECONDS} s:"; ls -la "$OUT"

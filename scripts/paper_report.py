@@ -27,8 +27,9 @@ __all__ = ["MAIN_GROUP", "FUSED_GROUP", "BASE_GROUP", "TARGETS", "write_report",
 BASE_GROUP = "resnet18"
 MAIN_GROUP = "hiresnet18 all/output"
 FUSED_GROUP = "hiresnet18 all/output fused"
-#: The ablations of the paper, compared with MAIN_GROUP for claim 3.
-ABLATION_GROUPS = ("hiresnet18 stem/output", "hiresnet18 all/input")
+#: The paper's ablations, compared with MAIN_GROUP for claim 3.
+STEM_GROUP = "hiresnet18 stem/output"
+INPUT_GROUP = "hiresnet18 all/input"
 #: Test accuracies (%) whose first epoch measures the learning speed.
 TARGETS = (85.0, 90.0)
 #: The fused and the eager run of one seed must end this close (percentage points).
@@ -79,7 +80,7 @@ def _reach_cell(runs: list[dict], target: float) -> str:
     hit = [r["reach"][target] for r in runs if r["reach"][target] is not None]
     if not hit:
         return "not reached"
-    cell = _mean_std(hit, "{:.1f}") if len(runs) > 1 else str(hit[0])
+    cell = str(hit[0]) if len(hit) == 1 else _mean_std(hit, "{:.1f}")
     return cell if len(hit) == len(runs) else f"{cell} ({len(hit)}/{len(runs)} seeds)"
 
 
@@ -129,25 +130,21 @@ def claims(groups: dict) -> list[str]:
         hm = [r["reach"][t] for r in main if r["reach"][t] is not None]
         hb = [r["reach"][t] for r in base if r["reach"][t] is not None]
         if len(hm) < len(main) or len(hb) < len(base):
-            speed.append(f"{t:.0f}% was not reached by every run (hiresnet18 {len(hm)}/{len(main)}, "
-                         f"resnet18 {len(hb)}/{len(base)})")
+            speed.append(f"not every run reached {t:.0f}% (hiresnet18 {len(hm)}/{len(main)}, "
+                         f"resnet18 {len(hb)}/{len(base)} runs)")
         else:
             speed.append(f"epochs to {t:.0f}%, " + compare_values("hiresnet18", hm, "resnet18", hb, "epochs"))
     out.append("**Faster learning.** " + "; ".join(speed) + " (fewer epochs is faster).")
-    gains = []
-    for name in (MAIN_GROUP, *ABLATION_GROUPS):
-        runs = groups.get(name, {}).get("runs")
-        if runs:
-            gains.append((statistics.mean(r["final"] for r in runs) - statistics.mean(r["final"] for r in base),
-                          name, runs))
-    gains.sort(key=lambda g: -g[0])
-    text = ", ".join(f"{name} {gain:+.2f} pp" for gain, name, _ in gains)
-    verdict = f"largest: {gains[0][1]}"
-    if len(gains) > 1:
-        verdict += "; against the next, " + compare_values(
-            gains[0][1], [r["final"] for r in gains[0][2]], gains[1][1], [r["final"] for r in gains[1][2]], "pp")
-    out.append(f"**Largest gain from output-side residuals from all levels.** Final accuracy over resnet18: "
-               f"{text}; {verdict}.")
+    finals = {name: [r["final"] for r in groups[name]["runs"]] for name in (MAIN_GROUP, INPUT_GROUP, STEM_GROUP)
+              if groups.get(name, {}).get("runs")}
+    base_final = statistics.mean(r["final"] for r in base)
+    text = ", ".join(f"{name} {statistics.mean(v) - base_final:+.2f} pp" for name, v in finals.items())
+    parts = [f"Final accuracy over resnet18: {text}"]
+    for other, what in ((INPUT_GROUP, "output against input side (sources all)"),
+                        (STEM_GROUP, "sources all against stem only (output side)")):
+        if other in finals:
+            parts.append(f"{what}: " + compare_values(MAIN_GROUP, finals[MAIN_GROUP], other, finals[other], "pp"))
+    out.append("**Largest gain from output-side residuals.** " + "; ".join(parts) + ".")
     return out
 
 
@@ -175,6 +172,7 @@ def accuracy_figure(groups: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     last = 0
@@ -185,7 +183,7 @@ def accuracy_figure(groups: dict, path: Path) -> Path:
         last = len(per_epoch)
         mean = [statistics.mean(v) for v in per_epoch]
         for ax in axes:
-            ax.plot(epochs, mean, color=f"C{i}", label=f"{name} ({len(curves)} seeds)")
+            ax.plot(epochs, mean, color=f"C{i}", marker=".", label=f"{name} ({len(curves)} seeds)")
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=f"C{i}", alpha=0.2)
     if last >= 3:   # the zoom: differences of tenths of a point are invisible on the full scale
         first = last - last // 3
@@ -196,6 +194,7 @@ def accuracy_figure(groups: dict, path: Path) -> Path:
     axes[1].set(xlabel="epoch", title="last third of training")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +250,12 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def setup_section(plan: dict) -> str:
+def setup_section(plan: dict, commit: str | None) -> str:
     env, s = plan["environment"], plan["settings"]
     data = plan.get("data", {})
+    commit = commit or env["commit"]
     amp = "bf16 autocast, channels_last" if env["device_type"] == "cuda" else "float32 (no autocast), NCHW"
-    lines = [f"- Date {env['date']}; commit {env['commit'] or 'not recorded (no git metadata)'}.",
+    lines = [f"- Date {env['date']}; commit {commit or 'not recorded (no git metadata where it ran)'}.",
              f"- Device: {env['device']} ({env['device_type']}, {env['cpu_count']} CPU cores); python {env['python']}, "
              f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env["cuda"] else "")
              + f", triton {env['triton'] or 'absent'}, numpy {env['numpy']}; fused backends here: "
@@ -302,8 +302,9 @@ def commands_section(plan: dict, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, report: Path, figures: Path | None = None) -> Path:
-    """Write ``report`` (markdown) and its figures (in ``figures``, default beside it)."""
+def write_report(out: Path, report: Path, figures: Path | None = None, commit: str | None = None) -> Path:
+    """Write ``report`` (markdown) and its figures (in ``figures``, default beside it);
+    ``commit`` names the code that ran where the run folder could not (no git there)."""
     out, report = Path(out), Path(report)
     figures = Path(figures) if figures is not None else report.parent
     figures.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,7 @@ def write_report(out: Path, report: Path, figures: Path | None = None) -> Path:
              f"![test accuracy per epoch]({_rel(fig, report.parent)})", "",
              "## Fused op against eager projections", "", fused_check(groups), "",
              "## What the projections carry (`hires analyze`)", "", analysis_section(out, plan, figures, report.parent),
-             "## Setup", "", setup_section(plan), "## Reproduce", "", commands_section(plan, out)]
+             "## Setup", "", setup_section(plan, commit), "## Reproduce", "", commands_section(plan, out)]
     report.write_text("\n".join(text))
     return report
 
@@ -336,9 +337,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the --out folder of scripts/paper_cifar10.py")
     p.add_argument("--report", default=None, help="markdown file to write (default OUT/RESULTS.md)")
     p.add_argument("--figures", default=None, help="folder for the figures (default: beside the report)")
+    p.add_argument("--commit", default=None,
+                   help="the commit that ran, when the runs could not record it (a copy without git metadata)")
     args = p.parse_args(argv)
     path = write_report(Path(args.out), Path(args.report or Path(args.out) / "RESULTS.md"),
-                        Path(args.figures) if args.figures else None)
+                        Path(args.figures) if args.figures else None, args.commit)
     print(f"wrote {path}")
     return 0
 
