@@ -34,13 +34,18 @@ INPUT_GROUP = "hiresnet18 all/input"
 TARGETS = (85.0, 90.0)
 #: The fused and the eager run of one seed must end this close (percentage points).
 FUSED_TOLERANCE_PP = 0.3
-DIGITS_FIGURE = Path(__file__).resolve().parent.parent / "docs" / "figures" / "analysis_ablation_digits.png"
+README = Path(__file__).resolve().parent.parent / "README.md"
+DIGITS_FIGURE = README.parent / "docs" / "figures" / "analysis_ablation_digits.png"
+#: docs/analysis.md's reading of cos(F, P_k): beyond +-0.2, F reinforces or corrects P_k.
+COSINE_CLEAR = 0.2
+#: A projection with a smaller share and a smaller drop is one the network ignores.
+UNUSED_SHARE, UNUSED_DROP = 0.05, 0.005
 
 
 def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
-    """'mean ± std' over seeds (sample std); a single value says it is one seed."""
+    """'mean ± std' over seeds (sample std); a single seed's value alone."""
     if len(values) == 1:
-        return f"{fmt.format(values[0])} (1 seed)"
+        return fmt.format(values[0])
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
@@ -71,6 +76,7 @@ def summarize(out: Path) -> dict:
             if len(rec["metrics"]) < epochs:
                 continue
             rec["wall_s"] = wall[Path(rec["dir"]).name]
+            rec["epochs_s"] = sum(m["seconds"] for m in rec["metrics"])
             rec["reach"] = {t: epochs_to(rec["metrics"], t) for t in TARGETS}
             g["runs"].append(rec)
     return {"plan": plan, "groups": groups}
@@ -86,19 +92,20 @@ def _reach_cell(runs: list[dict], target: float) -> str:
 
 def results_table(groups: dict) -> str:
     lines = ["| configuration | fused | seeds | params | final test acc (%) | best test acc (%) | "
-             + " | ".join(f"epochs to {t:.0f}%" for t in TARGETS) + " | time per run (s) | train img/s |",
-             "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|"]
+             + " | ".join(f"epochs to {t:.0f}%" for t in TARGETS) + " | time per run (s) | of which epochs (s) | train img/s |",
+             "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|---|"]
     for name, g in groups.items():
         runs = g["runs"]
         if not runs:
-            lines.append(f"| {name} | | 0 | | no finished run | | " + "| " * len(TARGETS) + "| |")
+            lines.append(f"| {name} | | 0 | | no finished run | | " + "| " * len(TARGETS) + "| | |")
             continue
         fused = {None: "n/a", True: "yes", False: "no"}[g["entries"][0]["fused"]]
         lines.append(
             f"| {name} | {fused} | {len(runs)} | {runs[0]['params'] / 1e6:.2f}M | "
             f"{_mean_std([r['final'] for r in runs])} | {_mean_std([r['best'] for r in runs])} | "
             + " | ".join(_reach_cell(runs, t) for t in TARGETS)
-            + f" | {_mean_std([r['wall_s'] for r in runs], '{:.0f}')} | {_mean_std([r['img_per_s'] for r in runs], '{:.0f}')} |")
+            + " | " + " | ".join(_mean_std([r[k] for r in runs], "{:.0f}") for k in ("wall_s", "epochs_s", "img_per_s"))
+            + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +231,8 @@ def analysis_section(out: Path, plan: dict, figures: Path, report_dir: Path) -> 
         lines += [f"Removing all projections at inference changes the test accuracy from {100 * base:.2f}% to "
                   f"{100 * every['accuracy']:.2f}% ({-100 * every['drop']:+.1f} points). The largest drop from one "
                   f"projection is {100 * top[0]:.1f} points ({top[2]} into `{top[1]}`).", ""]
-    lines += ["| block | addend shares (F, shortcut, P_k) | cos(F, P_k) | accuracy drop when P_k is removed (pts) |",
+    lines += [reading(a), "",
+              "| block | addend shares (F, shortcut, P_k) | cos(F, P_k) | accuracy drop when P_k is removed (pts) |",
               "|---|---|---|---|"]
     for name, b in a["blocks"].items():
         shares = ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in b["addends"].items())
@@ -239,11 +247,33 @@ def analysis_section(out: Path, plan: dict, figures: Path, report_dir: Path) -> 
             shutil.copyfile(src, figures / dest)
             copied[key] = _rel(figures / dest, report_dir)
     if "ablation" in copied:
-        lines += ["", "| digits, narrow hiresnet18, 6 epochs (README) | CIFAR-10, hiresnet18, this run |", "|---|---|",
+        lines += ["", f"Beside the digits result of the README ([Analysis]({_rel(README, report_dir)}#analysis)):", "",
+                  "| digits, narrow hiresnet18, 6 epochs | CIFAR-10, hiresnet18, this run |", "|---|---|",
                   f"| ![digits ablation]({_rel(DIGITS_FIGURE, report_dir)}) | ![CIFAR-10 ablation]({copied['ablation']}) |"]
     if "addend_shares" in copied:
         lines += ["", f"Addend shares per block: ![addend shares]({copied['addend_shares']})"]
     return "\n".join(lines) + "\n"
+
+
+def reading(a: dict) -> str:
+    """What the shares, cosines and drops say, in docs/analysis.md's terms."""
+    blocks = a["blocks"].values()
+    p_share = [sum(v["share"] for k, v in b["addends"].items() if k.startswith("P")) for b in blocks]
+    cos = [v for b in blocks for k, v in b["cosine_F"].items() if k.startswith("P") and v is not None]
+    text = (f"The projections together make up {100 * min(p_share):.0f}-{100 * max(p_share):.0f}% of the "
+            f"addends' size in a block (sum of the P_k shares).")
+    if cos:
+        text += f" cos(F, P_k) lies between {min(cos):+.2f} and {max(cos):+.2f}: " + (
+            "F mostly corrects (cancels) the projections." if min(cos) < -COSINE_CLEAR and max(cos) <= COSINE_CLEAR
+            else "F mostly reinforces the projections." if max(cos) > COSINE_CLEAR and min(cos) >= -COSINE_CLEAR
+            else "F corrects some projections and reinforces others." if max(cos) > COSINE_CLEAR
+            else "F works beside the projections, nearly orthogonal to them.")
+    unused = [f"{k} into `{name}`" for name, b in a["blocks"].items() for k, v in b["addends"].items()
+              if k.startswith("P") and v["share"] < UNUSED_SHARE
+              and abs((b.get("ablation", {}).get(k) or {}).get("drop") or 0.0) < UNUSED_DROP]
+    if unused:
+        text += f" Unused (share < 5% and drop < 0.5 points): {', '.join(unused)}."
+    return text
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -270,7 +300,8 @@ def setup_section(plan: dict, commit: str | None) -> str:
              + (f" (reserve {plan['reserve_s']:.0f} s for analysis and report)" if plan["budget_s"] else "")
              + f"; data decoding and loading took {plan['stages'].get('data_s', 0):.0f} s; whole script "
              f"{plan['stages'].get('total_s', 0):.0f} s."]
-    lines += ["", "Measured first (probes, before the plan): one epoch, then the estimate of a full run.", "",
+    lines += ["", "Measured first, before the plan: a short probe run of each kind (its first and its last "
+              "epoch), and from them the estimate of a full run.", "",
               "| kind | epoch 1 (s) | later epoch (s) | startup (s) | estimated run (s) |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {p['epoch1_s']:.1f} | {p['epoch_s']:.1f} | {p['startup_s']:.1f} | {p['estimate_s']:.0f} |"
               if p["status"] == "done" else f"| {k} | {p['status']}: {p.get('error') or 'over the time left'} | | | |"
@@ -323,7 +354,7 @@ def write_report(out: Path, report: Path, figures: Path | None = None, commit: s
     text += ["", "## Numbers", "", results_table(groups),
              f"Epochs to a target: the first epoch whose test accuracy reaches it (mean over the seeds that did). "
              f"Time per run: wall time of the whole `hires train` call (model, data, {plan['settings']['epochs']} "
-             "epochs with an evaluation after each).", "",
+             "epochs); of which epochs: the epochs' own time, training and the evaluation after each.", "",
              f"![test accuracy per epoch]({_rel(fig, report.parent)})", "",
              "## Fused op against eager projections", "", fused_check(groups), "",
              "## What the projections carry (`hires analyze`)", "", analysis_section(out, plan, figures, report.parent),

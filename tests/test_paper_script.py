@@ -95,6 +95,7 @@ def _check_report(out: Path, report_path: Path, seeds: dict[str, int]) -> None:
     assert fig.is_file() and fig.stat().st_size > 5000
     assert (out / "analysis" / "analysis.json").is_file()
     assert "Removing all projections at inference changes the test accuracy from" in report
+    assert "The projections together make up" in report and "Beside the digits result" in report
     assert "| `" in report.split("## What the projections carry")[1]          # the per-block table
     for e in plan["runs"]:
         assert e["command"] in report                                         # every run's command
@@ -177,3 +178,16 @@ def test_differences_are_judged_against_the_spread_over_seeds():
     beyond = paper_report.compare_values("a", [94.0, 94.1], "b", [93.0, 93.1], "pp")
     assert "+1.00 pp" in beyond and "larger than the spread" in beyond
     assert "one seed" in paper_report.compare_values("a", [94.0], "b", [93.0, 93.1], "pp")
+
+
+def test_analysis_reading_follows_docs_analysis():
+    def block(p_share, cos, drop):
+        return {"addends": {"F": {"share": 0.5 - p_share / 2}, "shortcut": {"share": 0.5 - p_share / 2},
+                            "P0": {"share": p_share}},
+                "cosine_F": {"shortcut": 0.1, "P0": cos}, "ablation": {"P0": {"drop": drop}}}
+
+    text = paper_report.reading({"blocks": {"a": block(0.30, -0.40, 0.10), "b": block(0.02, -0.05, 0.001)}})
+    assert "2-30%" in text and "between -0.40 and -0.05" in text and "corrects" in text
+    assert "Unused" in text and "P0 into `b`" in text and "`a`" not in text
+    assert "reinforces" in paper_report.reading({"blocks": {"a": block(0.3, 0.5, 0.1)}})
+    assert "orthogonal" in paper_report.reading({"blocks": {"a": block(0.3, 0.1, 0.1)}})
