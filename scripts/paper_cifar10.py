@@ -24,8 +24,8 @@ cifar10-jpeg.tar.gz); `--out` must not hold earlier runs. Outputs in `--out`:
 (`--report`, default OUT/RESULTS.md, with its figures beside it or in `--figures`).
 
 Time budget. The device call (scripts/paper_cifar10_gpu.sh) gets 9 minutes, 540 s: up to
-10 s for the environment report, `--budget 470` for this script (under a hard `timeout`
-of 495 s), up to 35 s for a fallback report and packing the outputs. The script's clock
+20 s for the environment report, `--budget 470` for this script (under a hard `timeout`
+of 490 s), up to 30 s for a fallback report and packing the outputs. The script's clock
 starts when it starts; within the budget:
 
 1. data: decode the JPEG archive once into $HIRES_CACHE and load both splits (47 s on a
