@@ -310,7 +310,8 @@ def setup_section(plan: dict, commit: str | None) -> str:
     for e in plan["runs"]:
         if e["status"] != "done":
             why = e.get("reason") or e.get("error")
-            missing.setdefault(e["status"] + (f" ({why})" if why else ""), []).append(f"`{e['name']}`")
+            status = "not started (the script ended first)" if e["status"] == "planned" else e["status"]
+            missing.setdefault(status + (f" ({why})" if why else ""), []).append(f"`{e['name']}`")
     lines += ["", "Runs not in the statistics: " + ("none; every planned run finished." if not missing else
               "; ".join(f"{', '.join(names)} {why}" for why, names in missing.items())
               + ". A cut run is a whole seed left out, never a shorter run; a stopped run (past its time limit) "
