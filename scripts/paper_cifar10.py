@@ -78,7 +78,7 @@ import torch
 
 import paper_report
 from hires import cli
-from hires.plot import read_metrics
+from hires.runs import read_metrics
 
 #: Seconds kept free at the end of the budget for `hires analyze` and the report.
 RESERVE_S = 45.0
