@@ -311,6 +311,21 @@ def test_torch_func_grad_matches_reference(backend, device, case):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_func_vjp_matches_autograd(backend, device):
+    inp = make_inputs(Case(), torch.float32, device)
+
+    def f(x, weight):
+        return fused_projection(x, weight, inp["bn_weight"], inp["bn_bias"], None, None, inp["residual"],
+                                stride=2, backend=backend)
+    out, vjp = torch.func.vjp(f, inp["x"], inp["weight"])
+    got = vjp(inp["grad"])
+    leaves = (inp["x"].clone().requires_grad_(), inp["weight"].clone().requires_grad_())
+    expected = torch.autograd.grad(f(*leaves), leaves, inp["grad"])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nested_torch_func_grad_is_refused(backend, device):
     inp = make_inputs(Case(), torch.float32, device)
 

@@ -1,6 +1,11 @@
 """The ``triton`` backend: the fused projection as Triton kernels (GPU, or CPU tensors
 under ``TRITON_INTERPRET=1``). Math and contract: :mod:`hires_kernels.backends.reference`.
 
+It is the second GPU backend and is not tuned further: ``cuda`` is the GPU default, one
+C++ call per direction with every per-call step inside it. This backend runs through
+the Python backends' custom ops (hires_kernels/projection.py), whose shift, W @ shift,
+statistics combine and running-statistics update are torch ops around its launches.
+
 Notation: M = N*H'*W' positions (rows), tiles of BLOCK_M rows, T = cdiv(M, BLOCK_M);
 e = bytes per activation element (2 for bf16/fp16, 4 for fp32); s = stride.
 Every kernel takes tensors by pointer + element strides, so NCHW and channels_last (and
