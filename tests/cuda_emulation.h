@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+using std::isfinite;
 using std::max;
 using std::min;
 using std::sqrt;
@@ -78,7 +79,8 @@ inline int cudaDeviceGetAttribute(int* value, int, int) {
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+inline void emu_launch(dim3 grid, dim3 block, size_t /*dynamic_smem*/, const char* /*name*/,
+                       const std::function<void()>& kernel) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
               "x", block.z, " is not a 1-D block of at most 1024 threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid y/z over 65535");

@@ -1,6 +1,8 @@
 // CUDA kernels of the fused projection: avgpool_s(x - shift) -> 1x1 conv -> BatchNorm
-// (-> + residual), forward and backward. The contract and the math are the docstring
-// of hires_kernels/backends/reference.py; this file implements exactly that.
+// (-> + residual), forward and backward, registered as the CUDA kernels of hires::projection
+// and hires::projection_backward (csrc/ops.cpp: the schema and what each result means).
+// Every per-call step runs on the GPU: the data shift, the statistics, the running-statistics
+// update and eval's corrections. The math is that of hires_kernels/backends/reference.py.
 //
 // Notation: M = N * H' * W' pooled positions (row m <-> (n, ho, wo)), C_in, C_out,
 // s = stride, e = bytes per activation element, T = 64 (tile), acc_t = float (double
@@ -16,7 +18,8 @@
 // (out-of-range rows, columns and k give 0). No tensor cores: fp32 (or fp64) FMA,
 // chosen to be verifiable by reading; see "Next steps" below.
 //
-// Forward, training (3 launches):
+// Forward (S0 shift_kernel: shift[c] = mean of x[0, c, :s, :s], one thread per channel),
+// training (4 launches):
 //   F1 y_tile<FWD_STATS>  grid (ceil(M/T), ceil(C_out/T)). A = pooled tile computed
 //      from x on load (window sum of x - shift, divided by its valid count), B = W^T.
 //      y stays in shared memory; per column a two-pass (mean, M2) over the tile's
@@ -24,14 +27,18 @@
 //      write `pooled` (x's dtype/format). Bytes: x read ceil(C_out/T) times (L2 hits
 //      after the first), pooled written once (N C_in H' W' e), partials 8 M C_out / T.
 //   F2 fwd_finalize       one block per channel merges the partials with Chan's
-//      formula in a fixed order (deterministic) -> mean, var (biased). Bytes: partials.
+//      formula in a fixed order (deterministic) -> mean, var (biased), and updates the
+//      running statistics (mean + W[c] . shift, unbiased var; ATen does it afterwards when
+//      they are strided or not acc_t). Bytes: partials.
 //   F3 y_tile<FWD_APPLY>  same grid; recomputes y exactly as F1, then
 //      out = (y - mean) * rstd * gamma + beta (+ residual) in x's dtype/format.
 //      Bytes: x again, residual read and out written once (N C_out H' W' e each).
 //   The un-normalised y is never written to global memory.
-// Forward, eval (1 launch): F3 alone with mean_in/var_in (BN folded into the
-//   epilogue's per-channel constants); it also writes `pooled`.
-// Backward (p = saved - shift, shift only when given; saved is [N, C_in, H', W']):
+// Forward, eval (2 launches): S0, then F3 alone; its per-column prologue takes
+//   mean = running_mean - W[c] . shift and var = running_var (blocks of the first row
+//   tile store them for backward); it also writes `pooled`.
+// Backward (p = saved - shift at stride 1, where saved is x; saved, the already shifted
+// pooled input, at stride > 1):
 //   B1 y_tile<BWD_STATS>  y recomputed from p and W; per column partial sums of g
 //      and g * yhat -> [tiles_m][C_out] x 2. Bytes: saved, grad_out read once.
 //   B2 bwd_finalize       fixed-order sums -> dbeta, dgamma.
@@ -45,7 +52,8 @@
 //      memset is needed. Bytes: dy read (4 M C_out, per C_in tile), grad_x written.
 //   B5 dw_partial         grid (ceil(C_out/T), ceil(C_in/T), splits): split-K over
 //      m of dW = dy^T p -> [splits][C_out][C_in]; B6 dw_reduce sums the splits in a
-//      fixed order. Deterministic: no floating-point atomics anywhere.
+//      fixed order and, in eval, adds rstd gamma dbeta shift^T (p was shifted; in
+//      training sum_m dy = 0). Deterministic: no floating-point atomics anywhere.
 //
 // Next steps (performance, not correctness): read `pooled` instead of re-pooling x
 // in F3; keep dy in the activation dtype or fuse B3 into B4/B5; bf16/fp16 tiles on
@@ -66,7 +74,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../shapes.h"
+#include "../projection_args.h"
 
 namespace hires_cuda {
 
@@ -238,8 +246,11 @@ struct YTileArgs {
   int64_t M;
   bool write_pooled;              // FWD: blocks with blockIdx.y == 0 store p.dst
   // statistics in / out
-  const acc_t* mean;              // [C_out]   (APPLY, BWD_*)
+  const acc_t* mean;              // [C_out]   (APPLY, BWD_*); eval forward: running_mean
   const acc_t* var;               // [C_out]   (APPLY, BWD_*)
+  const acc_t* eval_shift;        // eval forward: the x shift; the epilogue's mean is mean - W eval_shift
+  acc_t* mean_out;                // eval forward: blocks with blockIdx.x == 0 store the statistics used
+  acc_t* var_out;
   const acc_t* gamma;             // nullable  (APPLY, BWD_DY)
   const acc_t* beta;              // nullable  (APPLY)
   const acc_t* dbeta;             // [C_out]   (BWD_DY)
@@ -267,6 +278,14 @@ __global__ void __launch_bounds__(NT) y_tile_kernel(YTileArgs<scalar_t, acc_t> a
     acc_t mean = 0, rstd = 0, scale = 0, beta = 0, db = 0, dg = 0;
     if (co < a.C_out) {
       mean = a.mean[co];
+      if (a.eval_shift != nullptr) {
+        // Running statistics describe W x; the kernels see W (x - shift).
+        for (int k = 0; k < a.C_in; ++k) mean -= a.weight[co * a.C_in + k] * a.eval_shift[k];
+        if (blockIdx.x == 0) {
+          a.mean_out[co] = mean;
+          a.var_out[co] = a.var[co];
+        }
+      }
       rstd = inv_sqrt(a.var[co] + a.eps);
       scale = a.gamma != nullptr ? rstd * a.gamma[co] : rstd;
       if (EPI == FWD_APPLY) beta = a.beta != nullptr ? a.beta[co] : acc_t(0);
@@ -388,17 +407,23 @@ __device__ __forceinline__ void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc
   n = tot;
 }
 
+// Per channel: mean and biased variance from the tile partials; then, when running
+// statistics are given (contiguous, acc_t), their momentum update with the unshifted mean
+// mean + W[co] . shift and the unbiased variance, as F.batch_norm does.
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
     const acc_t* part_mean, const acc_t* part_m2, int64_t tiles, int64_t M, int C_out,
-    acc_t* mean_out, acc_t* var_out) {
+    acc_t* mean_out, acc_t* var_out, const acc_t* weight, const acc_t* shift, int C_in,
+    acc_t* running_mean, acc_t* running_var, acc_t momentum) {
   __shared__ acc_t sn[FIN_THREADS], sm[FIN_THREADS], s2[FIN_THREADS];
   const int co = blockIdx.x;
-  acc_t n = 0, mean = 0, m2 = 0;
+  acc_t n = 0, mean = 0, m2 = 0, ws = 0;
   for (int64_t t = threadIdx.x; t < tiles; t += FIN_THREADS) {
     const acc_t cnt = static_cast<acc_t>(min64(T, M - t * T));
     chan_merge(n, mean, m2, cnt, part_mean[t * C_out + co], part_m2[t * C_out + co]);
   }
+  if (running_mean != nullptr)
+    for (int k = threadIdx.x; k < C_in; k += FIN_THREADS) ws += weight[(int64_t)co * C_in + k] * shift[k];
   sn[threadIdx.x] = n; sm[threadIdx.x] = mean; s2[threadIdx.x] = m2;
   __syncthreads();
   for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
@@ -409,9 +434,27 @@ __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
     }
     __syncthreads();
   }
+  const acc_t batch_mean = sm[0], batch_m2 = s2[0];
+  if (running_mean == nullptr) {
+    if (threadIdx.x == 0) {
+      mean_out[co] = batch_mean;
+      var_out[co] = batch_m2 / static_cast<acc_t>(M);
+    }
+    return;
+  }
+  __syncthreads();  // sn is reused for the w_shift sum
+  sn[threadIdx.x] = ws;
+  __syncthreads();
+  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) sn[threadIdx.x] += sn[threadIdx.x + half];
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
-    mean_out[co] = sm[0];
-    var_out[co] = s2[0] / static_cast<acc_t>(M);
+    mean_out[co] = batch_mean;
+    var_out[co] = batch_m2 / static_cast<acc_t>(M);
+    const acc_t keep = acc_t(1) - momentum;
+    running_mean[co] = running_mean[co] * keep + (batch_mean + sn[0]) * momentum;
+    running_var[co] = running_var[co] * keep + batch_m2 / static_cast<acc_t>(M - 1) * momentum;
   }
 }
 
@@ -520,25 +563,42 @@ __global__ void __launch_bounds__(NT) dw_partial_kernel(
   }
 }
 
+// dW[co][ci] = the splits summed in a fixed order; in eval, + rstd gamma dbeta shift[ci]:
+// the partials summed dy (p - shift)^T and dW needs dy p^T. (In training sum_m dy = 0, so
+// the shift drops out exactly.)
 template <typename acc_t>
-__global__ void dw_reduce_kernel(const acc_t* ws, int64_t splits, int64_t numel, acc_t* dw) {
+__global__ void dw_reduce_kernel(const acc_t* ws, int64_t splits, int C_out, int C_in, acc_t* dw,
+                                 const acc_t* shift, const acc_t* var, const acc_t* gamma, const acc_t* dbeta,
+                                 acc_t eps) {
+  const int64_t numel = (int64_t)C_out * C_in;
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= numel) return;
   acc_t s = 0;
   for (int64_t z = 0; z < splits; ++z) s += ws[z * numel + i];
+  if (shift != nullptr) {
+    const int64_t co = i / C_in;
+    const acc_t scale = gamma != nullptr ? inv_sqrt(var[co] + eps) * gamma[co] : inv_sqrt(var[co] + eps);
+    s += scale * dbeta[co] * shift[i - co * C_in];
+  }
   dw[i] = s;
+}
+
+// shift[c] = mean of x[0, c, :s, :s] (0 where not finite, so a NaN or Inf stays where it
+// is instead of spreading); hires_kernels/shapes.py's data_shift.
+template <typename scalar_t, typename acc_t>
+__global__ void shift_kernel(PooledView<scalar_t, acc_t> x, acc_t* shift) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= x.C) return;
+  const int hs = min(x.s, x.H), ws = min(x.s, x.W);
+  acc_t sum = 0;
+  for (int h = 0; h < hs; ++h)
+    for (int w = 0; w < ws; ++w) sum += static_cast<acc_t>(x.src[(int64_t)c * x.sc + h * x.sh + w * x.sw]);
+  const acc_t m = sum / static_cast<acc_t>(hs * ws);
+  shift[c] = isfinite(m) ? m : acc_t(0);
 }
 
 // ---------------------------------------------------------------------------------
 // Host side.
-
-at::MemoryFormat memory_format_of(const at::Tensor& t) {  // = hires_kernels.shapes.memory_format_of
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  const auto s = t.strides();
-  return (s[1] < s[3] && s[3] <= s[2] && s[2] <= s[0]) ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous;
-}
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -564,226 +624,211 @@ Act<scalar_t, acc_t> act_view(const at::Tensor& t) {
 }
 
 template <typename acc_t>
-const acc_t* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<acc_t>() : nullptr;
+acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-void check_param(const std::optional<at::Tensor>& t, const char* name, at::ScalarType acc, int64_t n,
-                 const at::Tensor& x) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->scalar_type() == acc, "hires_C (cuda): ", name, " must be ", acc, ", got ", t->scalar_type());
-  TORCH_CHECK(t->is_contiguous() && t->numel() == n, "hires_C (cuda): ", name, " must be a contiguous [", n, "]");
-  TORCH_CHECK(t->device() == x.device(), "hires_C (cuda): ", name, " is on ", t->device(), " but the activations on ",
-              x.device());
-}
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cuda(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& mean_in,
-    const std::optional<at::Tensor>& var_in, int64_t stride, bool ceil_mode, bool training, double eps) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "hires_C (cuda): x must be a 4-D CUDA tensor");
-  TORCH_CHECK(stride >= 1, "hires_C (cuda): stride must be >= 1");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type_of(x.scalar_type());
-  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C_in && weight.scalar_type() == acc && weight.is_contiguous() &&
-                  weight.device() == x.device(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", x.device());
-  const int64_t C_out = weight.size(0);
-  check_param(shift, "shift", acc, C_in, x);
-  check_param(bn_weight, "bn_weight", acc, C_out, x);
-  check_param(bn_bias, "bn_bias", acc, C_out, x);
-  check_param(mean_in, "mean_in", acc, C_out, x);
-  check_param(var_in, "var_in", acc, C_out, x);
-  TORCH_CHECK(training || (mean_in.has_value() && var_in.has_value()),
-              "hires_C (cuda): mean_in and var_in are required in eval mode");
+ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
+                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                              const std::optional<at::Tensor>& running_mean_,
+                              const std::optional<at::Tensor>& running_var_,
+                              const std::optional<at::Tensor>& residual, int64_t stride, bool ceil_mode,
+                              bool training, double momentum, double eps) {
+  const at::Tensor& running_mean = hires::value_or_undefined(running_mean_);
+  const at::Tensor& running_var = hires::value_or_undefined(running_var_);
+  hires::check_forward(x_, weight_, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
+                       running_mean, running_var, hires::value_or_undefined(residual), stride, ceil_mode, training,
+                       eps);
+  TORCH_CHECK(x_.is_cuda(), "projection (cuda): x must be a CUDA tensor");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto no_autocast = hires::no_autocast();
+  const c10::cuda::CUDAGuard device_guard(x_.device());
+  const hires::Prepared a = hires::prepare_forward(x_, weight_, hires::value_or_undefined(bn_weight),
+                                                   hires::value_or_undefined(bn_bias),
+                                                   hires::value_or_undefined(residual));
+  const at::Tensor& x = a.x;
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = a.weight.size(0);
   const int64_t Ho = pooled_size(H, stride, ceil_mode), Wo = pooled_size(W, stride, ceil_mode);
   const int64_t M = N * Ho * Wo;
-  TORCH_CHECK(M > 0, "hires_C (cuda): empty pooled output");
-  const auto fmt = memory_format_of(x);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    res = *residual;
-    TORCH_CHECK(res.scalar_type() == x.scalar_type() && res.dim() == 4 && res.size(0) == N &&
-                    res.size(1) == C_out && res.size(2) == Ho && res.size(3) == Wo && res.device() == x.device(),
-                "hires_C (cuda): residual must be [N, C_out, H', W'] like x");
-  }
+  const auto aopt = a.weight.options();
 
-  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
-  at::Tensor pooled = stride > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : x.new_empty({0});
+  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(a.format));
+  at::Tensor pooled = stride > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(a.format)) : x.new_empty({0});
   // The backward recomputes y from the pooled input: no conv output is kept.
-  const at::Tensor no_y = weight.new_empty({0});
-  at::Tensor mean, var;
-  if (training) {
-    mean = at::empty({C_out}, weight.options());
-    var = at::empty({C_out}, weight.options());
-  } else {
-    mean = mean_in->clone();
-    var = var_in->clone();
+  const at::Tensor no_y = a.weight.new_empty({0});
+  at::Tensor shift = at::empty({C_in}, aopt), mean = at::empty({C_out}, aopt), var = at::empty({C_out}, aopt);
+  // The kernels update running statistics of the accumulation dtype in place; others
+  // (another dtype, a strided view) go through ATen after the kernels.
+  const bool stats_in_kernel = training && running_mean.defined() && running_mean.is_contiguous() &&
+                               running_var.is_contiguous() && running_mean.scalar_type() == a.acc &&
+                               running_var.scalar_type() == a.acc;
+  at::Tensor eval_mean, eval_var;
+  if (!training) {
+    eval_mean = running_mean.detach().to(a.acc).contiguous();
+    eval_var = running_var.detach().to(a.acc).contiguous();
   }
-  if (C_out == 0) return {out, pooled, no_y, mean, var};
 
-  const auto cstream = c10::cuda::getCurrentCUDAStream();
-  const cudaStream_t stream = cstream.stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t tiles_m = cdiv(M, T), tiles_co = cdiv(C_out, T);
-  TORCH_CHECK(tiles_m <= INT32_MAX && tiles_co <= 65535, "hires_C (cuda): problem too large for the grid");
+  TORCH_CHECK(tiles_m <= INT32_MAX && tiles_co <= 65535, "projection (cuda): problem too large for the grid");
   const dim3 grid((unsigned)tiles_m, (unsigned)tiles_co);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hires_projection_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "projection_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    YTileArgs<scalar_t, acc_t> a{};
-    a.p = pooled_view<scalar_t, acc_t>(x, (int)Ho, (int)Wo, (int)stride, shift.data_ptr<acc_t>());
+    YTileArgs<scalar_t, acc_t> k{};
+    k.p = pooled_view<scalar_t, acc_t>(x, (int)Ho, (int)Wo, (int)stride, shift.data_ptr<acc_t>());
+    shift_kernel<scalar_t, acc_t><<<(unsigned)cdiv(C_in, FIN_THREADS), FIN_THREADS, 0, stream>>>(k.p, shift.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (stride > 1) {
-      a.p.dst = pooled.data_ptr<scalar_t>();
-      a.p.dn = pooled.stride(0); a.p.dc = pooled.stride(1); a.p.dh = pooled.stride(2); a.p.dw = pooled.stride(3);
+      k.p.dst = pooled.data_ptr<scalar_t>();
+      k.p.dn = pooled.stride(0); k.p.dc = pooled.stride(1); k.p.dh = pooled.stride(2); k.p.dw = pooled.stride(3);
     }
-    a.p_cfast = x.stride(1) == 1 && C_in > 1;
-    a.weight = weight.data_ptr<acc_t>();
-    a.C_in = (int)C_in; a.C_out = (int)C_out; a.Ho = (int)Ho; a.Wo = (int)Wo; a.M = M;
-    a.gamma = opt_ptr<acc_t>(bn_weight);
-    a.beta = opt_ptr<acc_t>(bn_bias);
-    a.eps = static_cast<acc_t>(eps);
-    a.training = training;
-    a.out = act_view<scalar_t, acc_t>(out);
-    a.residual = act_view<scalar_t, acc_t>(res);
-    a.act_cfast = out.stride(1) == 1 && C_out > 1;
+    k.p_cfast = x.stride(1) == 1 && C_in > 1;
+    k.weight = a.weight.data_ptr<acc_t>();
+    k.C_in = (int)C_in; k.C_out = (int)C_out; k.Ho = (int)Ho; k.Wo = (int)Wo; k.M = M;
+    k.gamma = ptr_or_null<acc_t>(a.bn_weight);
+    k.beta = ptr_or_null<acc_t>(a.bn_bias);
+    k.eps = static_cast<acc_t>(eps);
+    k.training = training;
+    k.out = act_view<scalar_t, acc_t>(out);
+    k.residual = act_view<scalar_t, acc_t>(a.residual);
+    k.act_cfast = out.stride(1) == 1 && C_out > 1;
+    k.write_pooled = stride > 1;  // by the first pass over x
 
     if (training) {
-      at::Tensor part = at::empty({2, tiles_m, C_out}, weight.options());
-      a.part0 = part[0].data_ptr<acc_t>();
-      a.part1 = part[1].data_ptr<acc_t>();
-      a.write_pooled = stride > 1;
-      y_tile_kernel<scalar_t, acc_t, FWD_STATS><<<grid, NT, 0, stream>>>(a);
+      at::Tensor part = at::empty({2, tiles_m, C_out}, aopt);
+      k.part0 = part[0].data_ptr<acc_t>();
+      k.part1 = part[1].data_ptr<acc_t>();
+      y_tile_kernel<scalar_t, acc_t, FWD_STATS><<<grid, NT, 0, stream>>>(k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       fwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
-          a.part0, a.part1, tiles_m, M, (int)C_out, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+          k.part0, k.part1, tiles_m, M, (int)C_out, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), k.weight,
+          k.p.shift, (int)C_in, stats_in_kernel ? running_mean.data_ptr<acc_t>() : nullptr,
+          stats_in_kernel ? running_var.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(momentum));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      a.write_pooled = false;
+      k.write_pooled = false;
+      k.mean = mean.data_ptr<acc_t>();
+      k.var = var.data_ptr<acc_t>();
     } else {
-      a.write_pooled = stride > 1;  // the single pass writes pooled
+      k.mean = eval_mean.data_ptr<acc_t>();
+      k.var = eval_var.data_ptr<acc_t>();
+      k.eval_shift = k.p.shift;
+      k.mean_out = mean.data_ptr<acc_t>();
+      k.var_out = var.data_ptr<acc_t>();
     }
-    a.mean = mean.data_ptr<acc_t>();
-    a.var = var.data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, FWD_APPLY><<<grid, NT, 0, stream>>>(a);
+    y_tile_kernel<scalar_t, acc_t, FWD_APPLY><<<grid, NT, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, pooled, no_y, mean, var};
+  if (training && running_mean.defined() && !stats_in_kernel) {
+    hires::update_running_stat(running_mean, mean + at::mv(a.weight, shift), momentum);
+    hires::update_running_stat(running_var, var * (static_cast<double>(M) / static_cast<double>(M - 1)), momentum);
+  }
+  return {out, pooled, no_y, shift, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& saved, const std::optional<at::Tensor>& /*y: not kept*/,
-    const std::optional<at::Tensor>& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.dim() == 4, "hires_C (cuda): grad_out must be a 4-D CUDA tensor");
-  TORCH_CHECK(stride >= 1, "hires_C (cuda): stride must be >= 1");
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const auto acc = acc_type_of(grad_out.scalar_type());
+BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y,
+                                        const at::Tensor& shift, const at::Tensor& weight_,
+                                        const std::optional<at::Tensor>& bn_weight_, const at::Tensor& mean,
+                                        const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h,
+                                        int64_t in_w, bool training, double eps) {
+  const at::Tensor& bn_weight = hires::value_or_undefined(bn_weight_);
+  hires::check_backward(grad_out_, saved_, y, shift, weight_, bn_weight, mean, var, stride, ceil_mode, in_h, in_w,
+                        training);
+  TORCH_CHECK(grad_out_.is_cuda(), "projection_backward (cuda): grad_out must be a CUDA tensor");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto no_autocast = hires::no_autocast();
+  const c10::cuda::CUDAGuard device_guard(grad_out_.device());
+  const auto fmt = hires::saved_memory_format(saved_);
+  const auto acc = hires::accumulation_dtype(grad_out_.scalar_type());
+  const at::Tensor grad_out = grad_out_.detach().contiguous(fmt), saved = saved_.detach().contiguous(fmt);
+  const at::Tensor weight = weight_.detach().reshape({weight_.size(0), weight_.size(1)}).to(acc).contiguous();
+  const at::Tensor gamma = bn_weight.defined() ? bn_weight.detach().to(acc).contiguous() : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous(), shift_c = shift.contiguous();
   const int64_t N = grad_out.size(0), C_out = grad_out.size(1), Ho = grad_out.size(2), Wo = grad_out.size(3);
-  TORCH_CHECK(Ho == pooled_size(in_h, stride, ceil_mode) && Wo == pooled_size(in_w, stride, ceil_mode),
-              "hires_C (cuda): grad_out's spatial size does not match in_h, in_w, stride, ceil_mode");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C_out && weight.scalar_type() == acc && weight.is_contiguous() &&
-                  weight.device() == grad_out.device(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", grad_out.device());
   const int64_t C_in = weight.size(1);
-  TORCH_CHECK(saved.dim() == 4 && saved.size(0) == N && saved.size(1) == C_in && saved.size(2) == Ho &&
-                  saved.size(3) == Wo && saved.scalar_type() == grad_out.scalar_type() &&
-                  saved.device() == grad_out.device(),
-              "hires_C (cuda): saved must be [N, C_in, H', W'] like grad_out");
-  check_param(shift, "shift", acc, C_in, grad_out);
-  check_param(bn_weight, "bn_weight", acc, C_out, grad_out);
-  check_param(std::optional<at::Tensor>(mean), "mean", acc, C_out, grad_out);
-  check_param(std::optional<at::Tensor>(var), "var", acc, C_out, grad_out);
   const int64_t M = N * Ho * Wo;
-  TORCH_CHECK(M > 0, "hires_C (cuda): empty grad_out");
-  const auto fmt = memory_format_of(grad_out);
+  const auto aopt = weight.options();
 
   at::Tensor grad_x = at::empty({N, C_in, in_h, in_w}, grad_out.options().memory_format(fmt));
-  at::Tensor dweight = at::empty({C_out, C_in}, weight.options());
-  at::Tensor dgamma = at::empty({C_out}, weight.options());
-  at::Tensor dbeta = at::empty({C_out}, weight.options());
-  if (C_out == 0) {
-    grad_x.zero_();
-    dweight.zero_();
-    return {grad_x, dweight, dgamma, dbeta};
-  }
+  at::Tensor dweight = at::empty({C_out, C_in}, aopt);
+  at::Tensor dgamma = at::empty({C_out}, aopt);
+  at::Tensor dbeta = at::empty({C_out}, aopt);
 
-  const auto cstream = c10::cuda::getCurrentCUDAStream();
-  const cudaStream_t stream = cstream.stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t tiles_m = cdiv(M, T), tiles_co = cdiv(C_out, T), tiles_ci = cdiv(C_in, T);
   TORCH_CHECK(tiles_m <= INT32_MAX && tiles_co <= 65535 && tiles_ci <= 65535,
-              "hires_C (cuda): problem too large for the grid");
+              "projection_backward (cuda): problem too large for the grid");
 
   // dW split-K: enough blocks to fill the GPU, at least 256 positions per split.
   int device_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, grad_out.get_device()));
-  const int64_t want = std::max<int64_t>(1, cdiv(2 * (int64_t)device_sms, tiles_co * std::max<int64_t>(tiles_ci, 1)));
+  const int64_t want = std::max<int64_t>(1, cdiv(2 * (int64_t)device_sms, tiles_co * tiles_ci));
   const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
   const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), BK) * BK;
   const int64_t splits = cdiv(M, chunk);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "hires_projection_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "projection_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    YTileArgs<scalar_t, acc_t> a{};
-    a.p = pooled_view<scalar_t, acc_t>(saved, (int)Ho, (int)Wo, 1, opt_ptr<acc_t>(shift));
-    a.p_cfast = saved.stride(1) == 1 && C_in > 1;
-    a.weight = weight.data_ptr<acc_t>();
-    a.C_in = (int)C_in; a.C_out = (int)C_out; a.Ho = (int)Ho; a.Wo = (int)Wo; a.M = M;
-    a.write_pooled = false;
-    a.mean = mean.data_ptr<acc_t>();
-    a.var = var.data_ptr<acc_t>();
-    a.gamma = opt_ptr<acc_t>(bn_weight);
-    a.eps = static_cast<acc_t>(eps);
-    a.training = training;
-    a.grad = act_view<scalar_t, acc_t>(grad_out);
-    a.act_cfast = grad_out.stride(1) == 1 && C_out > 1;
+    // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
+    const acc_t* sub = stride == 1 ? shift_c.data_ptr<acc_t>() : nullptr;
+    YTileArgs<scalar_t, acc_t> k{};
+    k.p = pooled_view<scalar_t, acc_t>(saved, (int)Ho, (int)Wo, 1, sub);
+    k.p_cfast = saved.stride(1) == 1 && C_in > 1;
+    k.weight = weight.data_ptr<acc_t>();
+    k.C_in = (int)C_in; k.C_out = (int)C_out; k.Ho = (int)Ho; k.Wo = (int)Wo; k.M = M;
+    k.mean = mean_c.data_ptr<acc_t>();
+    k.var = var_c.data_ptr<acc_t>();
+    k.gamma = ptr_or_null<acc_t>(gamma);
+    k.eps = static_cast<acc_t>(eps);
+    k.training = training;
+    k.grad = act_view<scalar_t, acc_t>(grad_out);
+    k.act_cfast = grad_out.stride(1) == 1 && C_out > 1;
     const dim3 grid((unsigned)tiles_m, (unsigned)tiles_co);
 
     // B1 + B2: dbeta = sum g, dgamma = sum g * yhat.
-    at::Tensor part = at::empty({2, tiles_m, C_out}, weight.options());
-    a.part0 = part[0].data_ptr<acc_t>();
-    a.part1 = part[1].data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, BWD_STATS><<<grid, NT, 0, stream>>>(a);
+    at::Tensor part = at::empty({2, tiles_m, C_out}, aopt);
+    k.part0 = part[0].data_ptr<acc_t>();
+    k.part1 = part[1].data_ptr<acc_t>();
+    y_tile_kernel<scalar_t, acc_t, BWD_STATS><<<grid, NT, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
-        a.part0, a.part1, tiles_m, (int)C_out, dbeta.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>());
+        k.part0, k.part1, tiles_m, (int)C_out, dbeta.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // B3: dy [M][C_out] in acc_t.
-    at::Tensor dy = at::empty({M, C_out}, weight.options());
-    a.dbeta = dbeta.data_ptr<acc_t>();
-    a.dgamma = dgamma.data_ptr<acc_t>();
-    a.dy = dy.data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, BWD_DY><<<grid, NT, 0, stream>>>(a);
+    at::Tensor dy = at::empty({M, C_out}, aopt);
+    k.dbeta = dbeta.data_ptr<acc_t>();
+    k.dgamma = dgamma.data_ptr<acc_t>();
+    k.dy = dy.data_ptr<acc_t>();
+    y_tile_kernel<scalar_t, acc_t, BWD_DY><<<grid, NT, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    if (C_in > 0) {
-      // B4: dp = dy W scattered to grad_x.
-      dp_scatter_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_m, (unsigned)tiles_ci), NT, 0, stream>>>(
-          a.dy, a.weight, (int)C_in, (int)C_out, M, (int)Ho, (int)Wo, (int)in_h, (int)in_w, (int)stride,
-          act_view<scalar_t, acc_t>(grad_x), grad_x.stride(1) == 1 && C_in > 1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // B4: dp = dy W scattered to grad_x.
+    dp_scatter_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_m, (unsigned)tiles_ci), NT, 0, stream>>>(
+        k.dy, k.weight, (int)C_in, (int)C_out, M, (int)Ho, (int)Wo, (int)in_h, (int)in_w, (int)stride,
+        act_view<scalar_t, acc_t>(grad_x), grad_x.stride(1) == 1 && C_in > 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      // B5 + B6: dW = dy^T p, split over m, fixed-order reduction.
-      at::Tensor ws = at::empty({splits, C_out, C_in}, weight.options());
-      dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
-          a.dy, a.p, /*p_kfast=*/saved.stride(1) != 1 || C_in == 1, (int)C_in, (int)C_out, M, chunk,
-          ws.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t numel = C_out * C_in;
-      dw_reduce_kernel<acc_t><<<(unsigned)cdiv(numel, 256), 256, 0, stream>>>(
-          ws.data_ptr<acc_t>(), splits, numel, dweight.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    // B5 + B6: dW = dy^T p, split over m, fixed-order reduction (+ eval's shift term).
+    at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
+    dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
+        k.dy, k.p, /*p_kfast=*/saved.stride(1) != 1 || C_in == 1, (int)C_in, (int)C_out, M, chunk,
+        ws.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dw_reduce_kernel<acc_t><<<(unsigned)cdiv(C_out * C_in, 256), 256, 0, stream>>>(
+        ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
+        training ? nullptr : shift_c.data_ptr<acc_t>(), k.var, k.gamma, k.dbeta, k.eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, dweight, dgamma, dbeta};
+  return {grad_x, dweight.view(weight_.sizes()), dgamma, dbeta};
 }
 
 }  // namespace hires_cuda
 
-TORCH_LIBRARY_IMPL(hires_C, CUDA, m) {
-  m.impl("projection_forward", &hires_cuda::projection_forward_cuda);
+TORCH_LIBRARY_IMPL(hires, CUDA, m) {
+  m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
 }
