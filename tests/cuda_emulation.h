@@ -18,6 +18,8 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -57,8 +59,50 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define HIRES_EMULATED 1
+// One buffer per launch holds the dynamic shared memory of the block that runs.
+inline unsigned char* emu_dynamic_smem = nullptr;
+#define HIRES_DYNAMIC_SHARED(name) unsigned char* name = emu_dynamic_smem
+
+// Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
+// store_act, load_param and store_param), summed per launch into emu_traffic_log.
+inline thread_local int64_t emu_thread_bytes[4];
+#define HIRES_TRAFFIC(kind, bytes) (emu_thread_bytes[kind] += static_cast<int64_t>(bytes))
+struct EmuLaunchRecord {
+  std::string name;
+  int64_t bytes[4];
+  unsigned blocks;
+};
+inline std::vector<EmuLaunchRecord> emu_launches;
+inline std::mutex emu_launches_mutex;
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane publishes its fragments, then
+// computes its own four accumulator elements from the warp's A (16x16) and B (16x8), with
+// the fragment layout of the PTX ISA (see the .cu).
+inline uint32_t emu_mma_a[32][32][4], emu_mma_b[32][32][2];
+template <typename scalar_t>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) emu_mma_a[warp][lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) emu_mma_b[warp][lane][i] = b[i];
+  emu_warp_barrier[warp]->arrive_and_wait();
+  auto half = [](uint32_t word, int k) {
+    return static_cast<float>(scalar_t(static_cast<uint16_t>(word >> (16 * (k % 2))), scalar_t::from_bits()));
+  };
+  auto A = [&](int r, int k) { return half(emu_mma_a[warp][(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k); };
+  auto B = [&](int k, int n) { return half(emu_mma_b[warp][n * 4 + (k % 8) / 2][k >= 8], k); };
+  const int g = lane / 4, q = lane % 4;
+  for (int v = 0; v < 4; ++v) {
+    const int r = g + 8 * (v / 2), n = 2 * q + v % 2;
+    float sum = 0;
+    for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, n);
+    d[v] += sum;
+  }
+  emu_warp_barrier[warp]->arrive_and_wait();
+}
 
 // The host API the kernels' launch code uses, as no-ops on the CPU.
 using cudaStream_t = int;
@@ -71,15 +115,25 @@ struct EmuStream {
 };
 inline EmuStream getCurrentCUDAStream() { return {}; }
 }  // namespace c10::cuda
-constexpr int cudaDevAttrMultiProcessorCount = 16;
-inline int cudaDeviceGetAttribute(int* value, int, int) {
-  *value = 132;  // an H100's SM count: the launch heuristics see the GPU they target
+// The launch heuristics see the GPU they target: an H100's (H200's) SMs and shared memory.
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor
+};
+inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
+  return 0;
+}
+constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
+template <typename F>
+int cudaFuncSetAttribute(F*, int, int) {
   return 0;
 }
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
-inline void emu_launch(dim3 grid, dim3 block, size_t /*dynamic_smem*/, const char* /*name*/,
+inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name,
                        const std::function<void()>& kernel) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
               "x", block.z, " is not a 1-D block of at most 1024 threads");
@@ -93,20 +147,46 @@ inline void emu_launch(dim3 grid, dim3 block, size_t /*dynamic_smem*/, const cha
     warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block.x - 32 * w)));
     emu_warp_barrier[w] = warp_barriers.back().get();
   }
+  // Filled with 0xff (NaN in every float type) before each block: a read of shared memory
+  // that nothing wrote shows up in the results.
+  std::vector<unsigned char> smem(dynamic_smem + 16);
+  emu_dynamic_smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, grid.x * grid.y * grid.z};
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::fill(smem.begin(), smem.end(), 0xff);
         std::vector<std::thread> threads;
         threads.reserve(block.x);
         for (unsigned t = 0; t < block.x; ++t)
           threads.emplace_back([&, t] {
             threadIdx = {t, 0, 0};
             blockIdx = {bx, by, bz};
+            for (auto& b : emu_thread_bytes) b = 0;
             kernel();
+            const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+            for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
           });
         for (auto& th : threads) th.join();
       }
+  const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+  emu_launches.push_back(record);
 }
+
+// "name blocks act_read act_write param_read param_write" per launch since the last call.
+inline std::string emu_traffic() {
+  const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+  std::string log;
+  for (const auto& r : emu_launches) {
+    log += r.name + " " + std::to_string(r.blocks);
+    for (int64_t b : r.bytes) log += " " + std::to_string(b);
+    log += "\n";
+  }
+  emu_launches.clear();
+  return log;
+}
+
+TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) { m.def("traffic", &emu_traffic); }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
