@@ -16,6 +16,7 @@ package is in.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -82,20 +83,26 @@ def test_every_launch_is_rewritten():
     assert emulated.count("emu_launch(") == cu.count("<<<") > 0
 
 
+@functools.lru_cache(maxsize=None)
+def build_emulated_ops(build_dir: str):
+    """Builds the emulated kernels once per process (test_cuda_traffic.py shares them)."""
+    from torch.utils.cpp_extension import load
+
+    os.makedirs(build_dir, exist_ok=True)
+    src = os.path.join(build_dir, "projection_cuda_emulated.cpp")
+    with open(SOURCE) as f, open(src, "w") as out:
+        out.write(emulated_source(f.read()))
+    load(name="hires_cuda_emulated", sources=[src], is_python_module=False, build_directory=build_dir,
+         extra_include_paths=[os.path.dirname(PRELUDE), os.path.dirname(SOURCE)],
+         extra_cflags=["-O1", "-std=c++20", "-w"], verbose=False)
+    return torch.ops.hires_cuda_emulated
+
+
 @pytest.fixture(scope="session")
 def emulated_ops(tmp_path_factory):
     if shutil.which("ninja") is None:
         pytest.skip("ninja is needed to build the emulated CUDA kernels")
-    from torch.utils.cpp_extension import load
-
-    build = tmp_path_factory.mktemp("cuda_emulated")
-    src = build / "projection_cuda_emulated.cpp"
-    with open(SOURCE) as f:
-        src.write_text(emulated_source(f.read()))
-    load(name="hires_cuda_emulated", sources=[str(src)], is_python_module=False, build_directory=str(build),
-         extra_include_paths=[os.path.dirname(PRELUDE), os.path.dirname(SOURCE)],
-         extra_cflags=["-O1", "-std=c++20", "-w"], verbose=False)
-    return torch.ops.hires_cuda_emulated
+    return build_emulated_ops(str(tmp_path_factory.getbasetemp() / "cuda_emulated"))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,7 @@
 // tm pooled positions (tm = 64, 32 or 16: see row_launch) and every channel. It loads its
 // pooled tile P [tm x C_in] into shared memory once (pooling and the shift applied on
 // load, rounded to x's dtype as `pooled` stores it), then loops over the C_out blocks of 64:
-// y = P W^T with the weight staged in chunks of 32, then the epilogue. The GEMMs run on the
+// y = P W^T with the weight staged in chunks of 64, then the epilogue. The GEMMs run on the
 // tensor cores for bf16/fp16 (mma.sync m16n8k16, fp32 accumulators, the weight rounded to
 // x's dtype as eager autocast does) and as FMAs on the same fragment layout for
 // fp32 (IEEE, no TF32) and fp64. y never leaves the block.
@@ -23,7 +23,7 @@
 // Forward, training (S0 + 3 launches):
 //   F1 rows<FWD_STATS>  x read once (N C_in H W e), `pooled` written once (N C_in H' W' e,
 //      stride > 1); per column a two-pass (mean, M2) over the tile -> partials, 8 C_out M / tm.
-//   F2 fwd_finalize     one block per channel: Chan's merge of the partials in a fixed order
+//   F2 fwd_finalize     one warp per channel: Chan's merge of the partials in a fixed order
 //      -> mean, var; the running-statistics update (mean + W[c] . shift, unbiased var; ATen
 //      does it afterwards when they are strided or not acc_t).
 //   F3 rows<FWD_APPLY>  `pooled` (x at stride 1) read once, residual read once, out written
@@ -72,7 +72,8 @@ namespace hires_cuda {
 
 constexpr int NT = 256;          // threads of a tile block: 8 warps
 constexpr int TN = 64;           // GEMM tile columns (channels)
-constexpr int KC = 32;           // k depth of one staged chunk of the B operand
+constexpr int KC = 64;           // k depth of one staged chunk of the weight operand
+constexpr int KD = 32;           // positions per chunk of the dW kernel (its static shared memory stays under 48 KB in fp64)
 constexpr int KPAD = 8;          // shared rows padded by 8 elements: conflict-free fragment loads
 constexpr int PITCH = TN + 1;    // row of the acc_t result tile
 constexpr int FIN_THREADS = 256;
@@ -182,6 +183,7 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[4][4], const scalar_t* A,
       }
     }
   } else {
+#pragma unroll 4  // fully unrolled, the hoisted loads of fp64 spill
     for (int k = 0; k < depth; ++k) {
       const acc_t a0 = static_cast<acc_t>(A[f.row(0) * lda + k]);
       const acc_t a1 = static_cast<acc_t>(A[f.row(2) * lda + k]);
@@ -221,13 +223,6 @@ __device__ void gemm_weight(acc_t (&acc)[4][4], const scalar_t* A, int lda, int 
     mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f);
     __syncthreads();
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 template <typename acc_t>
@@ -398,37 +393,27 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
     __syncthreads();
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
-      // One warp per column at a time; lanes cover rows lane and lane + 32.
-      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-      for (int c = warp; c < TN; c += NT / 32) {
-        const int64_t co = co0 + c;
-        if (co >= a.C_out) continue;  // warp-uniform
-        acc_t s0, s1;
+      // One thread per column, over the rows in order (deterministic).
+      const int c = threadIdx.x;
+      const int64_t co = co0 + c;
+      if (c < TN && co < a.C_out) {
+        acc_t s0 = 0, s1 = 0;
         if (EPI == FWD_STATS) {  // two-pass (mean, M2) of the tile's rows
-          const acc_t v0 = lane < rows ? Ys[lane * PITCH + c] : acc_t(0);
-          const acc_t v1 = lane + 32 < rows ? Ys[(lane + 32) * PITCH + c] : acc_t(0);
-          s0 = warp_sum(v0 + v1) / static_cast<acc_t>(rows);
-          const acc_t d0 = lane < rows ? v0 - s0 : acc_t(0);
-          const acc_t d1 = lane + 32 < rows ? v1 - s0 : acc_t(0);
-          s1 = warp_sum(d0 * d0 + d1 * d1);
-        } else {  // sum g, sum g yhat
-          acc_t sg = 0, sgy = 0;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = lane + 32 * h;
-            if (r < rows) {
-              const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
-              sg += g;
-              sgy += g * ((Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c]);
-            }
+          for (int r = 0; r < rows; ++r) s0 += Ys[r * PITCH + c];
+          s0 /= static_cast<acc_t>(rows);
+          for (int r = 0; r < rows; ++r) {
+            const acc_t d = Ys[r * PITCH + c] - s0;
+            s1 += d * d;
           }
-          s0 = warp_sum(sg);
-          s1 = warp_sum(sgy);
+        } else {  // sum g, sum g yhat
+          for (int r = 0; r < rows; ++r) {
+            const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+            s0 += g;
+            s1 += g * ((Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c]);
+          }
         }
-        if (lane == 0) {
-          store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
-          store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
-        }
+        store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
+        store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
       }
     } else {
       // Elementwise: consecutive threads along the contiguous direction.
@@ -514,6 +499,11 @@ __device__ __forceinline__ void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc
   n = tot;
 }
 
+// One warp per channel (FIN_THREADS / 32 channels per block): lane l takes tiles l, l + 32,
+// ...; lane 0 then combines the 32 lane results in lane order: a fixed order, so the
+// results are deterministic, with a single warp barrier.
+constexpr int FIN_CHANNELS = FIN_THREADS / 32;
+
 // Per channel: mean and biased variance from the row tiles' partials (tiles of tm rows);
 // then, when running statistics are given (contiguous, acc_t), their momentum update with
 // the unshifted mean mean + W[co] . shift and the unbiased variance, as F.batch_norm does.
@@ -522,47 +512,30 @@ __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
     const acc_t* part_mean, const acc_t* part_m2, int64_t tiles, int tm, int64_t M, int C_out,
     acc_t* mean_out, acc_t* var_out, const acc_t* weight, const acc_t* shift, int C_in,
     acc_t* running_mean, acc_t* running_var, acc_t momentum) {
-  __shared__ acc_t sn[FIN_THREADS], sm[FIN_THREADS], s2[FIN_THREADS];
-  const int co = blockIdx.x;
+  __shared__ acc_t sn[FIN_THREADS], sm[FIN_THREADS], s2[FIN_THREADS], sw[FIN_THREADS];
+  const int lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
+  if (co >= C_out) return;  // whole warps
   acc_t n = 0, mean = 0, m2 = 0, ws = 0;
-  for (int64_t t = threadIdx.x; t < tiles; t += FIN_THREADS) {
+  for (int64_t t = lane; t < tiles; t += 32) {
     const acc_t cnt = static_cast<acc_t>(min64(tm, M - t * tm));
     chan_merge(n, mean, m2, cnt, load_act(part_mean + t * C_out + co), load_act(part_m2 + t * C_out + co));
   }
   if (running_mean != nullptr)
-    for (int k = threadIdx.x; k < C_in; k += FIN_THREADS)
-      ws += load_param(weight + (int64_t)co * C_in + k) * load_param(shift + k);
-  sn[threadIdx.x] = n; sm[threadIdx.x] = mean; s2[threadIdx.x] = m2;
-  __syncthreads();
-  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) {
-      acc_t a = sn[threadIdx.x], b = sm[threadIdx.x], c = s2[threadIdx.x];
-      chan_merge(a, b, c, sn[threadIdx.x + half], sm[threadIdx.x + half], s2[threadIdx.x + half]);
-      sn[threadIdx.x] = a; sm[threadIdx.x] = b; s2[threadIdx.x] = c;
-    }
-    __syncthreads();
+    for (int k = lane; k < C_in; k += 32) ws += load_param(weight + (int64_t)co * C_in + k) * load_param(shift + k);
+  sn[threadIdx.x] = n; sm[threadIdx.x] = mean; s2[threadIdx.x] = m2; sw[threadIdx.x] = ws;
+  __syncwarp();
+  if (lane != 0) return;
+  for (int l = 1; l < 32; ++l) {
+    chan_merge(n, mean, m2, sn[base + l], sm[base + l], s2[base + l]);
+    ws += sw[base + l];
   }
-  const acc_t batch_mean = sm[0], batch_m2 = s2[0];
-  if (running_mean == nullptr) {
-    if (threadIdx.x == 0) {
-      store_param(mean_out + co, batch_mean);
-      store_param(var_out + co, batch_m2 / static_cast<acc_t>(M));
-    }
-    return;
-  }
-  __syncthreads();  // sn is reused for the w_shift sum
-  sn[threadIdx.x] = ws;
-  __syncthreads();
-  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) sn[threadIdx.x] += sn[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    store_param(mean_out + co, batch_mean);
-    store_param(var_out + co, batch_m2 / static_cast<acc_t>(M));
+  store_param(mean_out + co, mean);
+  store_param(var_out + co, m2 / static_cast<acc_t>(M));
+  if (running_mean != nullptr) {
     const acc_t keep = acc_t(1) - momentum;
-    store_param(running_mean + co, load_param(running_mean + co) * keep + (batch_mean + sn[0]) * momentum);
-    store_param(running_var + co, load_param(running_var + co) * keep + batch_m2 / static_cast<acc_t>(M - 1) * momentum);
+    store_param(running_mean + co, load_param(running_mean + co) * keep + (mean + ws) * momentum);
+    store_param(running_var + co, load_param(running_var + co) * keep + m2 / static_cast<acc_t>(M - 1) * momentum);
   }
 }
 
@@ -570,25 +543,23 @@ template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
     const acc_t* part_g, const acc_t* part_gy, int64_t tiles, int C_out, acc_t* dbeta, acc_t* dgamma) {
   __shared__ acc_t s0[FIN_THREADS], s1[FIN_THREADS];
-  const int co = blockIdx.x;
+  const int lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
+  if (co >= C_out) return;  // whole warps
   acc_t a = 0, b = 0;
-  for (int64_t t = threadIdx.x; t < tiles; t += FIN_THREADS) {
+  for (int64_t t = lane; t < tiles; t += 32) {
     a += load_act(part_g + t * C_out + co);
     b += load_act(part_gy + t * C_out + co);
   }
   s0[threadIdx.x] = a; s1[threadIdx.x] = b;
-  __syncthreads();
-  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) {
-      s0[threadIdx.x] += s0[threadIdx.x + half];
-      s1[threadIdx.x] += s1[threadIdx.x + half];
-    }
-    __syncthreads();
+  __syncwarp();
+  if (lane != 0) return;
+  for (int l = 1; l < 32; ++l) {
+    a += s0[base + l];
+    b += s1[base + l];
   }
-  if (threadIdx.x == 0) {
-    store_param(dbeta + co, s0[0]);
-    store_param(dgamma + co, s1[0]);
-  }
+  store_param(dbeta + co, a);
+  store_param(dgamma + co, b);
 }
 
 // ---------------------------------------------------------------------------------
@@ -600,26 +571,26 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, int C_in, int C_out, int Ho,
     int Wo, int64_t M, int64_t chunk, acc_t* ws) {
-  constexpr int ld = KC + KPAD;
+  constexpr int ld = KD + KPAD;
   __shared__ __align__(16) scalar_t As[TN * ld], Bs[TN * ld];
-  __shared__ int64_t row_off[KC];
+  __shared__ int64_t row_off[KD];
   const int64_t co0 = (int64_t)blockIdx.x * TN, ci0 = (int64_t)blockIdx.y * TN;
   const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
   const int64_t hw = (int64_t)Ho * Wo;
   const Frag f(TN);
   acc_t acc[4][4];
   zero(acc);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
-    if (threadIdx.x < KC) {  // saved's offset of each position of the chunk
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += KD) {
+    if (threadIdx.x < KD) {  // saved's offset of each position of the chunk
       const int64_t m = min64(k0 + threadIdx.x, M - 1), n = m / hw, rem = m - n * hw;
       row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < TN * KC; e += NT) {
+    for (int e = threadIdx.x; e < TN * KD; e += NT) {
       const int r = e % TN, kk = e / TN;  // dy is co-contiguous
       const int64_t m = k0 + kk, co = co0 + r;
       As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
-      const int c = p_cfast ? e % TN : e / KC, kb = p_cfast ? e / TN : e % KC;
+      const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
       const int64_t mb = k0 + kb, ci = ci0 + c;
       scalar_t v = static_cast<scalar_t>(acc_t(0));
       if (mb < k_end && ci < C_in) {
@@ -629,7 +600,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
       Bs[c * ld + kb] = v;
     }
     __syncthreads();
-    mma_chunk(acc, As, ld, Bs, ld, KC, f);
+    mma_chunk(acc, As, ld, Bs, ld, KD, f);
     __syncthreads();
   }
   acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
@@ -646,21 +617,21 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
 // the partials summed dy (p - shift)^T and dW needs dy p^T. (In training sum_m dy = 0, so
 // the shift drops out exactly.)
 template <typename acc_t>
-__global__ void dw_reduce_kernel(const acc_t* ws, int64_t splits, int C_out, int C_in, acc_t* dw,
-                                 const acc_t* shift, const acc_t* var, const acc_t* gamma, const acc_t* dbeta,
-                                 acc_t eps) {
+__global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
+    const acc_t* ws, int64_t splits, int C_out, int C_in, acc_t* dw, const acc_t* shift, const acc_t* var,
+    const acc_t* gamma, const acc_t* dbeta, acc_t eps) {
   const int64_t numel = (int64_t)C_out * C_in;
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= numel) return;
-  acc_t s = 0;
-  for (int64_t z = 0; z < splits; ++z) s += load_act(ws + z * numel + i);
-  if (shift != nullptr) {
-    const int64_t co = i / C_in;
-    const acc_t rstd = inv_sqrt(load_param(var + co) + eps);
-    const acc_t scale = gamma != nullptr ? rstd * load_param(gamma + co) : rstd;
-    s += scale * load_param(dbeta + co) * load_param(shift + i - co * C_in);
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t z = 0; z < splits; ++z) s += load_act(ws + z * numel + i);
+    if (shift != nullptr) {
+      const int64_t co = i / C_in;
+      const acc_t rstd = inv_sqrt(load_param(var + co) + eps);
+      const acc_t scale = gamma != nullptr ? rstd * load_param(gamma + co) : rstd;
+      s += scale * load_param(dbeta + co) * load_param(shift + i - co * C_in);
+    }
+    store_param(dw + i, s);
   }
-  store_param(dw + i, s);
 }
 
 // shift[c] = mean of x[0, c, :s, :s] (0 where not finite, so a NaN or Inf stays where it
@@ -813,7 +784,7 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
       k.part0 = part[0].data_ptr<acc_t>();
       k.part1 = part[1].data_ptr<acc_t>();
       launch_rows<scalar_t, acc_t, FWD_STATS>(k, l, stream);
-      fwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
+      fwd_finalize_kernel<acc_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0, stream>>>(
           k.part0, k.part1, l.tiles, l.tm, M, (int)C_out, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), k.weight,
           shift_ptr, (int)C_in, stats_in_kernel ? running_mean.data_ptr<acc_t>() : nullptr,
           stats_in_kernel ? running_var.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(momentum));
@@ -875,9 +846,10 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
   // dW split-K: 2 waves of 64 x 64 tiles, at least 256 positions per split.
   const int64_t tiles_co = cdiv(C_out, TN), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
-  const int64_t want = cdiv(4 * (int64_t)device_attribute(cudaDevAttrMultiProcessorCount, device), tiles_co * tiles_ci);
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int64_t want = cdiv(4 * (int64_t)sms, tiles_co * tiles_ci);
   const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
-  const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KC) * KC;
+  const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
   const int64_t splits = cdiv(M, chunk);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "projection_backward_cuda", [&] {
@@ -897,7 +869,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.part0 = part[0].data_ptr<acc_t>();
     k.part1 = part[1].data_ptr<acc_t>();
     launch_rows<scalar_t, acc_t, BWD_STATS>(k, l, stream);
-    bwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
+    bwd_finalize_kernel<acc_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0, stream>>>(
         k.part0, k.part1, l.tiles, (int)C_out, dbeta.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -916,7 +888,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
         k.dy, k.src, sub, k.src_cfast, (int)C_in, (int)C_out, (int)Ho, (int)Wo, M, chunk, ws.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dw_reduce_kernel<acc_t><<<(unsigned)cdiv(C_out * C_in, 256), 256, 0, stream>>>(
+    dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
         ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
         training ? nullptr : shift_c.data_ptr<acc_t>(), k.var, k.gamma, k.dbeta, k.eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
