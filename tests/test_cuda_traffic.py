@@ -152,12 +152,18 @@ def tables(ops) -> str:
         e_slope, _, _, e_floor = per_sample(ops, shape, False)
         out.append(f"| {name} | {t_slope:,} | {t_floor:,} | {t_slope / t_floor:.2f}x | {e_slope:,} | {e_floor:,} | "
                    f"{e_slope / e_floor:.2f}x | {t_par:,} | {t_fixed:,} |")
-    out += ["", "| C_in@H -> C_out@H' (N) | launch: blocks (waves of 264), dynamic shared memory |", "|---|---|"]
+    out += ["", "| C_in@H -> C_out@H' (N) | tile launches: blocks (waves of 264), dynamic shared memory "
+            "| dW workspace written + read | as a share of the floor |", "|---|---|---|---|"]
     for shape, name in zip(SPEC_SHAPES, IDS):
+        c_in, h, c_out, ho, n = shape
         rows = full_size_launches(ops, shape)
         cells = "; ".join(f"{r['name']} {r['blocks']} ({waves(r):.2f}), {r['smem']} B" for r in rows
                           if r["name"] in TILE_KERNELS)
-        out.append(f"| {name} ({shape[4]}) | {cells} |")
+        dw = next(r for r in rows if r["name"] == "dw_partial_kernel")
+        splits = dw["blocks"] // (-(-c_out // 64) * -(-c_in // 64))
+        workspace = 2 * splits * c_out * c_in * 4
+        floor = n * floor_per_sample(c_in, h, c_out, ho, True)
+        out.append(f"| {name} ({n}) | {cells} | {workspace:,} B ({splits} splits) | {workspace / floor:.2f}x |")
     return "\n".join(out)
 
 

@@ -89,26 +89,20 @@ constexpr int FIN_THREADS = 256;
 #endif
 enum TrafficKind { ACT_READ = 0, ACT_WRITE = 1, PARAM_READ = 2, PARAM_WRITE = 3 };
 
-template <typename V>
-__device__ __forceinline__ V load_act(const V* p) {
-  HIRES_TRAFFIC(ACT_READ, sizeof(V));
+template <int KIND, typename V>
+__device__ __forceinline__ V counted_load(const V* p) {
+  HIRES_TRAFFIC(KIND, sizeof(V));
   return *p;
 }
-template <typename V>
-__device__ __forceinline__ void store_act(V* p, V v) {
-  HIRES_TRAFFIC(ACT_WRITE, sizeof(V));
+template <int KIND, typename V>
+__device__ __forceinline__ void counted_store(V* p, V v) {
+  HIRES_TRAFFIC(KIND, sizeof(V));
   *p = v;
 }
-template <typename V>
-__device__ __forceinline__ V load_param(const V* p) {
-  HIRES_TRAFFIC(PARAM_READ, sizeof(V));
-  return *p;
-}
-template <typename V>
-__device__ __forceinline__ void store_param(V* p, V v) {
-  HIRES_TRAFFIC(PARAM_WRITE, sizeof(V));
-  *p = v;
-}
+template <typename V> __device__ __forceinline__ V load_act(const V* p) { return counted_load<ACT_READ>(p); }
+template <typename V> __device__ __forceinline__ void store_act(V* p, V v) { counted_store<ACT_WRITE>(p, v); }
+template <typename V> __device__ __forceinline__ V load_param(const V* p) { return counted_load<PARAM_READ>(p); }
+template <typename V> __device__ __forceinline__ void store_param(V* p, V v) { counted_store<PARAM_WRITE>(p, v); }
 
 #ifndef HIRES_DYNAMIC_SHARED
 #define HIRES_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
@@ -201,14 +195,16 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[4][4], const scalar_t* A,
   }
 }
 
-// acc += A Wt over k in [0, kpad), A resident in shared memory (tm x kpad, pitch lda), the
-// weight operand Wt(k, c) = W[k * wk + (c0 + c) * wc] (0 outside [0, k_end) x [0, c_end))
-// staged chunk by chunk into Bs (64 x (KC + KPAD), in scalar_t: bf16/fp16 weights on the
-// tensor cores, as eager autocast rounds them). Ends with a barrier.
+// Ys (tm x 64, pitch PITCH) = A Wt over k in [0, kpad), A resident in shared memory (tm x kpad,
+// pitch lda), the weight operand Wt(k, c) = W[k * wk + (c0 + c) * wc] (0 outside
+// [0, k_end) x [0, c_end)) staged chunk by chunk into Bs (64 x (KC + KPAD), in scalar_t:
+// bf16/fp16 weights on the tensor cores, as eager autocast rounds them). Ends with a barrier.
 template <typename scalar_t, typename acc_t>
-__device__ void gemm_weight(acc_t (&acc)[4][4], const scalar_t* A, int lda, int kpad, const acc_t* W, int64_t wk,
-                            int64_t wc, int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f) {
+__device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, const acc_t* W, int64_t wk, int64_t wc,
+                            int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f) {
   constexpr int ldb = KC + KPAD;
+  acc_t acc[4][4];
+  zero(acc);
   const bool k_fast = wk == 1;
   for (int k0 = 0; k0 < kpad; k0 += KC) {
     const int depth = min(KC, kpad - k0);
@@ -223,6 +219,12 @@ __device__ void gemm_weight(acc_t (&acc)[4][4], const scalar_t* A, int lda, int 
     mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f);
     __syncthreads();
   }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int v = 0; v < 4; ++v)
+      if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
+  __syncthreads();
 }
 
 template <typename acc_t>
@@ -382,15 +384,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
       c_db[threadIdx.x] = db;
       c_dg[threadIdx.x] = dg;
     }
-    acc_t acc[4][4];
-    zero(acc);
-    gemm_weight(acc, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v)
-        if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
-    __syncthreads();
+    gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
       // One thread per column, over the rows in order (deterministic).
@@ -450,15 +444,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   // writes its own window with dp / count (the last row / column of windows also writes the
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
   for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
-    acc_t acc[4][4];
-    zero(acc);
-    gemm_weight(acc, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v)
-        if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
-    __syncthreads();
+    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
     for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
       const int c = a.act_cfast ? e % TN : e / a.tm;
       const int r = a.act_cfast ? e / TN : e % a.tm;
