@@ -160,7 +160,7 @@ def tables(ops) -> str:
         cells = "; ".join(f"{r['name']} {r['blocks']} ({waves(r):.2f}), {r['smem']} B" for r in rows
                           if r["name"] in TILE_KERNELS)
         dw = next(r for r in rows if r["name"] == "dw_partial_kernel")
-        splits = dw["blocks"] // (-(-c_out // 64) * -(-c_in // 64))
+        splits = dw["blocks"] // (-(-c_out // 128) * -(-c_in // 64))  # bf16 dW tiles: 128 x 64
         workspace = 2 * splits * c_out * c_in * 4
         floor = n * floor_per_sample(c_in, h, c_out, ho, True)
         out.append(f"| {name} ({n}) | {cells} | {workspace:,} B ({splits} splits) | {workspace / floor:.2f}x |")

@@ -41,9 +41,9 @@
 //      for dW; then dp = dy W per block of 64 input channels, and each pooled position
 //      writes its window of grad_x with dp / count (the last row / column of windows also
 //      the zeros of floor mode's trailing pixels): grad_x written once, no memset.
-//   B4 dw_partial       grid (C_out/64, C_in/64, splits): split-K over m of dW = dy^T p
-//      (tensor cores for bf16/fp16); dy read ceil(C_in/64) times, saved ceil(C_out/64)
-//      times; partials 4 splits C_out C_in.
+//   B4 dw_partial       grid (C_out/R, C_in/64, splits), R = 128 for bf16/fp16 (tensor
+//      cores), 64 otherwise: split-K over m of dW = dy^T p; dy read ceil(C_in/64) times,
+//      saved ceil(C_out/R) times; partials 4 splits C_out C_in.
 //   B5 dw_reduce        the splits summed in a fixed order, + eval's rstd gamma dbeta shift^T.
 // Deterministic: no floating-point atomics anywhere. Every global access goes through
 // load_act / store_act / load_param / store_param, which the emulation counts.
@@ -132,10 +132,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 #endif
 
-// The warps of a block over a tm x 64 result tile (tm = 16, 32 or 64): tm / 16 warps along
-// the rows, 8 / (tm / 16) along the columns; a warp owns 16 rows and nt = tm / 16 groups of
-// 8 columns, and each lane the mma.sync accumulator elements of its fragments, so the fp32
-// and fp64 paths (FMA) hold the very same elements as the tensor-core path.
+// The warps of a block over a tm x 64 result tile (tm = 16, 32, 64 or 128): tm / 16 warps
+// along the rows, 8 / (tm / 16) along the columns; a warp owns 16 rows and nt = tm / 16
+// groups of 8 columns, and each lane the mma.sync accumulator elements of its fragments, so
+// the fp32 and fp64 paths (FMA) hold the very same elements as the tensor-core path.
 struct Frag {
   int row0, col0, nt, g, q;
   __device__ explicit Frag(int tm) {
@@ -150,18 +150,18 @@ struct Frag {
   __device__ int col(int j, int v) const { return col0 + 8 * j + 2 * q + v % 2; }
 };
 
-template <typename acc_t>
-__device__ __forceinline__ void zero(acc_t (&acc)[4][4]) {
+template <int NJ, typename acc_t>
+__device__ __forceinline__ void zero(acc_t (&acc)[NJ][4]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < NJ; ++j)
 #pragma unroll
     for (int v = 0; v < 4; ++v) acc[j][v] = acc_t(0);
 }
 
 // acc += A B^T over k in [0, depth) (depth a multiple of 16): A rows and B columns both
 // stored k-contiguous in shared memory (pitches lda, ldb elements).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void mma_chunk(acc_t (&acc)[4][4], const scalar_t* A, int lda, const scalar_t* B, int ldb,
+template <typename scalar_t, typename acc_t, int NJ>
+__device__ __forceinline__ void mma_chunk(acc_t (&acc)[NJ][4], const scalar_t* A, int lda, const scalar_t* B, int ldb,
                                           int depth, const Frag& f) {
   if constexpr (kTensorCores<scalar_t>) {
     for (int k = 0; k < depth; k += 16) {
@@ -169,7 +169,7 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[4][4], const scalar_t* A,
       const scalar_t* a0 = A + (f.row0 + f.g) * lda + k + 2 * f.q;
       const uint32_t a[4] = {word(a0), word(a0 + 8 * lda), word(a0 + 8), word(a0 + 8 * lda + 8)};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < NJ; ++j) {
         if (j >= f.nt) break;
         const scalar_t* b0 = B + (f.col0 + 8 * j + f.g) * ldb + k + 2 * f.q;
         const uint32_t b[2] = {word(b0), word(b0 + 8)};
@@ -177,12 +177,12 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[4][4], const scalar_t* A,
       }
     }
   } else {
-#pragma unroll 4  // fully unrolled, the hoisted loads of fp64 spill
+#pragma unroll 2  // unrolled further, the hoisted loads of fp64 spill
     for (int k = 0; k < depth; ++k) {
       const acc_t a0 = static_cast<acc_t>(A[f.row(0) * lda + k]);
       const acc_t a1 = static_cast<acc_t>(A[f.row(2) * lda + k]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < NJ; ++j) {
         if (j >= f.nt) break;
         const acc_t b0 = static_cast<acc_t>(B[f.col(j, 0) * ldb + k]);
         const acc_t b1 = static_cast<acc_t>(B[f.col(j, 1) * ldb + k]);
@@ -549,22 +549,27 @@ __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
 }
 
 // ---------------------------------------------------------------------------------
-// dW partials: ws[z][co][ci] = sum_{m in split z} dy[m][co] p[m][ci] for a 64 x 64 tile,
-// both operands staged k-contiguous (k = m) in shared memory, tensor cores for bf16/fp16.
-// p is read from saved as load_rows reads it (shift subtracted at stride 1, rounded to
-// scalar_t), so dW pairs dy with exactly the p the other passes used.
+// dW partials: ws[z][co][ci] = sum_{m in split z} dy[m][co] p[m][ci] for a tile of
+// kDwRows output x 64 input channels, both operands staged k-contiguous (k = m) in shared
+// memory, tensor cores for bf16/fp16 (128 output channels a block there: p is re-read once
+// per block row, so the taller tile halves those re-reads). p is read from saved as
+// load_rows reads it (shift subtracted at stride 1, rounded to scalar_t), so dW pairs dy
+// with exactly the p the other passes used.
+template <typename scalar_t>
+constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, int C_in, int C_out, int Ho,
     int Wo, int64_t M, int64_t chunk, acc_t* ws) {
-  constexpr int ld = KD + KPAD;
-  __shared__ __align__(16) scalar_t As[TN * ld], Bs[TN * ld];
+  constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
+  __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
   __shared__ int64_t row_off[KD];
-  const int64_t co0 = (int64_t)blockIdx.x * TN, ci0 = (int64_t)blockIdx.y * TN;
+  const int64_t co0 = (int64_t)blockIdx.x * ROWS, ci0 = (int64_t)blockIdx.y * TN;
   const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
   const int64_t hw = (int64_t)Ho * Wo;
-  const Frag f(TN);
-  acc_t acc[4][4];
+  const Frag f(ROWS);
+  acc_t acc[ROWS / 16][4];
   zero(acc);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += KD) {
     if (threadIdx.x < KD) {  // saved's offset of each position of the chunk
@@ -572,10 +577,12 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
       row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < TN * KD; e += NT) {
-      const int r = e % TN, kk = e / TN;  // dy is co-contiguous
+    for (int e = threadIdx.x; e < ROWS * KD; e += NT) {
+      const int r = e % ROWS, kk = e / ROWS;  // dy is co-contiguous
       const int64_t m = k0 + kk, co = co0 + r;
       As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
+    }
+    for (int e = threadIdx.x; e < TN * KD; e += NT) {
       const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
       const int64_t mb = k0 + kb, ci = ci0 + c;
       scalar_t v = static_cast<scalar_t>(acc_t(0));
@@ -591,7 +598,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
   }
   acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < ROWS / 16; ++j)
 #pragma unroll
     for (int v = 0; v < 4; ++v) {
       const int64_t co = co0 + f.row(v), ci = ci0 + f.col(j, v);
@@ -829,14 +836,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int device = grad_out.get_device();
 
-  // dW split-K: 2 waves of 64 x 64 tiles, at least 256 positions per split.
-  const int64_t tiles_co = cdiv(C_out, TN), tiles_ci = cdiv(C_in, TN);
-  TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t want = cdiv(4 * (int64_t)sms, tiles_co * tiles_ci);
-  const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
-  const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
-  const int64_t splits = cdiv(M, chunk);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "projection_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -869,7 +869,14 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.in_h = (int)in_h; k.in_w = (int)in_w;
     launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
 
-    // B4 + B5: dW = dy^T p, split over m, fixed-order reduction (+ eval's shift term).
+    // B4 + B5: dW = dy^T p, split over m (2 waves of tiles, at least 256 positions per
+    // split), fixed-order reduction (+ eval's shift term).
+    const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
+    TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
+    const int64_t want = cdiv(4 * (int64_t)sms, tiles_co * tiles_ci);
+    const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
+    const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
+    const int64_t splits = cdiv(M, chunk);
     at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
         k.dy, k.src, sub, k.src_cfast, (int)C_in, (int)C_out, (int)Ho, (int)Wo, M, chunk, ws.data_ptr<acc_t>());
