@@ -1,7 +1,7 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU, for tests on machines without a GPU.
 // test_cuda_emulated.py turns the .cu source into C++ that includes this file: every
-// launch becomes emu_launch, which runs the grid's blocks one after another, each block
-// as one std::thread per CUDA thread, so __syncthreads is a real barrier among them and
+// launch becomes emu_launch, which runs the grid's blocks one after another on one
+// std::thread per CUDA thread, so __syncthreads is a real barrier among them and
 // __shared__ memory (a static) is shared by exactly the threads of one block.
 // Outputs and scratch come from emu_empty, filled with NaN: a value a kernel fails to
 // write shows up in the comparison with the reference.
@@ -18,9 +18,12 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
+using std::isfinite;
 using std::max;
 using std::min;
 using std::sqrt;
@@ -40,6 +43,7 @@ inline std::barrier<>* emu_warp_barrier[32];
 inline double emu_shuffle[32][32];
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { emu_warp_barrier[threadIdx.x / 32]->arrive_and_wait(); }
 
 // Every lane of the warp publishes its value, then reads its partner's.
 template <typename T>
@@ -56,8 +60,60 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define HIRES_EMULATED 1
+// One buffer per launch holds the dynamic shared memory of the block that runs.
+inline unsigned char* emu_dynamic_smem = nullptr;
+#define HIRES_DYNAMIC_SHARED(name) unsigned char* name = emu_dynamic_smem
+
+// Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
+// store_act, load_param and store_param), summed per launch into emu_traffic_log.
+inline thread_local int64_t emu_thread_bytes[4];
+#define HIRES_TRAFFIC(kind, bytes) (emu_thread_bytes[kind] += static_cast<int64_t>(bytes))
+struct EmuLaunchRecord {
+  std::string name;
+  int64_t bytes[4];
+  unsigned blocks, threads;
+  size_t smem;
+};
+// Dry run: launches are recorded (grid, block, shared memory) but not run, so that the
+// launch configuration of full-size problems can be checked without emulating them.
+inline bool emu_dry_run = false;
+inline std::vector<EmuLaunchRecord> emu_launches;
+inline std::mutex emu_launches_mutex;
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane publishes its fragments, then
+// computes its own four accumulator elements from the warp's A (16x16) and B (16x8), with
+// the fragment layout of the PTX ISA (see the .cu). Two slots, used in turn, let one barrier
+// per call suffice: a lane writes a slot again only two calls later, after every lane has
+// passed the barrier of the call in between, so all reads of it are done.
+inline uint32_t emu_mma_a[2][32][32][4], emu_mma_b[2][32][32][2];
+inline thread_local int emu_mma_slot = 0;
+template <typename scalar_t>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slot = emu_mma_slot;
+  emu_mma_slot ^= 1;
+  for (int i = 0; i < 4; ++i) emu_mma_a[slot][warp][lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) emu_mma_b[slot][warp][lane][i] = b[i];
+  emu_warp_barrier[warp]->arrive_and_wait();
+  auto half = [](uint32_t word, int k) {
+    return static_cast<float>(scalar_t(static_cast<uint16_t>(word >> (16 * (k % 2))), scalar_t::from_bits()));
+  };
+  const auto& fa = emu_mma_a[slot][warp];
+  const auto& fb = emu_mma_b[slot][warp];
+  auto A = [&](int r, int k) { return half(fa[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k); };
+  auto B = [&](int k, int n) { return half(fb[n * 4 + (k % 8) / 2][k >= 8], k); };
+  const int g = lane / 4, q = lane % 4;
+  for (int v = 0; v < 4; ++v) {
+    const int r = g + 8 * (v / 2), n = 2 * q + v % 2;
+    float sum = 0;
+    for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, n);
+    d[v] += sum;
+  }
+}
 
 // The host API the kernels' launch code uses, as no-ops on the CPU.
 using cudaStream_t = int;
@@ -70,15 +126,26 @@ struct EmuStream {
 };
 inline EmuStream getCurrentCUDAStream() { return {}; }
 }  // namespace c10::cuda
-constexpr int cudaDevAttrMultiProcessorCount = 16;
-inline int cudaDeviceGetAttribute(int* value, int, int) {
-  *value = 132;  // an H100's SM count: the launch heuristics see the GPU they target
+// The launch heuristics see the GPU they target: an H100's (H200's) SMs and shared memory.
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor
+};
+inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
+  return 0;
+}
+constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
+template <typename F>
+int cudaFuncSetAttribute(F*, int, int) {
   return 0;
 }
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name,
+                       const std::function<void()>& kernel) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
               "x", block.z, " is not a 1-D block of at most 1024 threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid y/z over 65535");
@@ -91,19 +158,60 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
     warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block.x - 32 * w)));
     emu_warp_barrier[w] = warp_barriers.back().get();
   }
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::vector<std::thread> threads;
-        threads.reserve(block.x);
-        for (unsigned t = 0; t < block.x; ++t)
-          threads.emplace_back([&, t] {
-            threadIdx = {t, 0, 0};
+  // Filled with 0xff (NaN in every float type) before each block: a read of shared memory
+  // that nothing wrote shows up in the results.
+  std::vector<unsigned char> smem(dynamic_smem + 16);
+  emu_dynamic_smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
+  if (emu_dry_run) {
+    const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+    emu_launches.push_back(record);
+    return;
+  }
+  // One std::thread per CUDA thread for the whole launch: each runs its thread of every
+  // block in turn, with a block barrier between blocks (thread 0 refills shared memory).
+  std::vector<std::thread> threads;
+  threads.reserve(block.x);
+  for (unsigned t = 0; t < block.x; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      for (auto& b : emu_thread_bytes) b = 0;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            if (t == 0) std::fill(smem.begin(), smem.end(), 0xff);
+            block_barrier.arrive_and_wait();
             blockIdx = {bx, by, bz};
             kernel();
-          });
-        for (auto& th : threads) th.join();
-      }
+            block_barrier.arrive_and_wait();
+          }
+      const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+      for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
+    });
+  for (auto& th : threads) th.join();
+  const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+  emu_launches.push_back(record);
+}
+
+// "name blocks threads dynamic_smem act_read act_write param_read param_write" per launch
+// since the last call.
+inline std::string emu_traffic() {
+  const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+  std::string log;
+  for (const auto& r : emu_launches) {
+    log += r.name + " " + std::to_string(r.blocks) + " " + std::to_string(r.threads) + " " + std::to_string(r.smem);
+    for (int64_t b : r.bytes) log += " " + std::to_string(b);
+    log += "\n";
+  }
+  emu_launches.clear();
+  return log;
+}
+
+inline void emu_set_dry_run(bool on) { emu_dry_run = on; }
+
+TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
+  m.def("traffic", &emu_traffic);
+  m.def("set_dry_run", &emu_set_dry_run);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

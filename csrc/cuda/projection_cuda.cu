@@ -1,56 +1,55 @@
 // CUDA kernels of the fused projection: avgpool_s(x - shift) -> 1x1 conv -> BatchNorm
-// (-> + residual), forward and backward. The contract and the math are the docstring
-// of hires_kernels/backends/reference.py; this file implements exactly that.
+// (-> + residual), forward and backward, registered as the CUDA kernels of hires::projection
+// and hires::projection_backward (csrc/ops.cpp: the schema and what each result means).
+// Every per-call step runs on the GPU: the data shift, the statistics, the running-statistics
+// update and eval's corrections. The math is that of hires_kernels/backends/reference.py.
 //
 // Notation: M = N * H' * W' pooled positions (row m <-> (n, ho, wo)), C_in, C_out,
-// s = stride, e = bytes per activation element, T = 64 (tile), acc_t = float (double
-// for float64 activations). Every kernel reads activations through their strides, so
-// NCHW and channels_last (and any other strides) are handled by the same code; the
-// thread mapping of loads and stores follows the layout so that the fastest-varying
-// index of a warp is the contiguous one.
+// s = stride, e = bytes per activation element, acc_t = float (double for float64
+// activations). Activations are read through their strides (NCHW, channels_last or any
+// other order); loops over a tile put consecutive threads along the contiguous dimension.
 //
-// One building block, `tile_gemm`: a block of 256 threads computes a T x T tile
-// C[r][c] = sum_k A(k, r) B(k, c) in acc_t registers (4 x 4 per thread), staging
-// A and B in shared memory in chunks of BK = 16 along k. The operands come from
-// small loader functors, so the pooling, the shift and all masks live in the loaders
-// (out-of-range rows, columns and k give 0). No tensor cores: fp32 (or fp64) FMA,
-// chosen to be verifiable by reading; see "Next steps" below.
+// The building block is the row kernel (rows_kernel<EPI>): a block of 256 threads owns
+// tm pooled positions (tm = 64, 32 or 16: see row_launch) and every channel. It loads its
+// pooled tile P [tm x C_in] into shared memory once (pooling and the shift applied on
+// load, rounded to x's dtype as `pooled` stores it), then loops over the C_out blocks of 64:
+// y = P W^T with the weight staged in chunks of 64, then the epilogue. The GEMMs run on the
+// tensor cores for bf16/fp16 (mma.sync m16n8k16, fp32 accumulators, the weight rounded to
+// x's dtype as eager autocast does) and as FMAs on the same fragment layout for
+// fp32 (IEEE, no TF32) and fp64. y never leaves the block.
 //
-// Forward, training (3 launches):
-//   F1 y_tile<FWD_STATS>  grid (ceil(M/T), ceil(C_out/T)). A = pooled tile computed
-//      from x on load (window sum of x - shift, divided by its valid count), B = W^T.
-//      y stays in shared memory; per column a two-pass (mean, M2) over the tile's
-//      valid rows -> partials [tiles_m][C_out]. Blocks with blockIdx.y == 0 also
-//      write `pooled` (x's dtype/format). Bytes: x read ceil(C_out/T) times (L2 hits
-//      after the first), pooled written once (N C_in H' W' e), partials 8 M C_out / T.
-//   F2 fwd_finalize       one block per channel merges the partials with Chan's
-//      formula in a fixed order (deterministic) -> mean, var (biased). Bytes: partials.
-//   F3 y_tile<FWD_APPLY>  same grid; recomputes y exactly as F1, then
-//      out = (y - mean) * rstd * gamma + beta (+ residual) in x's dtype/format.
-//      Bytes: x again, residual read and out written once (N C_out H' W' e each).
-//   The un-normalised y is never written to global memory.
-// Forward, eval (1 launch): F3 alone with mean_in/var_in (BN folded into the
-//   epilogue's per-channel constants); it also writes `pooled`.
-// Backward (p = saved - shift, shift only when given; saved is [N, C_in, H', W']):
-//   B1 y_tile<BWD_STATS>  y recomputed from p and W; per column partial sums of g
-//      and g * yhat -> [tiles_m][C_out] x 2. Bytes: saved, grad_out read once.
-//   B2 bwd_finalize       fixed-order sums -> dbeta, dgamma.
-//   B3 y_tile<BWD_DY>     y recomputed; dy = gamma rstd (g - dbeta/M - yhat dgamma/M)
-//      (training) or gamma rstd g (eval) -> dy scratch [M][C_out] in acc_t.
-//      Bytes: saved, grad_out read, dy written (4 M C_out).
-//   B4 dp_scatter         grid (ceil(M/T), ceil(C_in/T)): dp = dy W (k = C_out),
-//      then every pooled position writes its own window of grad_x with dp / count
-//      (the last row/column of windows also writes the zeros of the trailing
-//      pixels in floor mode), so every grad_x pixel is written exactly once and no
-//      memset is needed. Bytes: dy read (4 M C_out, per C_in tile), grad_x written.
-//   B5 dw_partial         grid (ceil(C_out/T), ceil(C_in/T), splits): split-K over
-//      m of dW = dy^T p -> [splits][C_out][C_in]; B6 dw_reduce sums the splits in a
-//      fixed order. Deterministic: no floating-point atomics anywhere.
+// Bytes per launch (the emulated tests count them, see tests/test_cuda_traffic.py):
+// S0 shift_kernel      shift[c] = mean of x[0, c, :s, :s]: C_in s^2 e.
+// Forward, training (S0 + 3 launches):
+//   F1 rows<FWD_STATS>  x read once (N C_in H W e), `pooled` written once (N C_in H' W' e,
+//      stride > 1); per column a two-pass (mean, M2) over the tile -> partials, 8 C_out M / tm.
+//   F2 fwd_finalize     one warp per channel: Chan's merge of the partials in a fixed order
+//      -> mean, var; the running-statistics update (mean + W[c] . shift, unbiased var; ATen
+//      does it afterwards when they are strided or not acc_t).
+//   F3 rows<FWD_APPLY>  `pooled` (x at stride 1) read once, residual read once, out written
+//      once: out = (y - mean) rstd gamma + beta (+ residual).
+// Forward, eval (S0 + 1 launch): F3 straight from x (pooling on load, `pooled` written);
+//   its per-column prologue takes mean = running_mean - W[c] . shift, var = running_var
+//   (the first row tile's block stores them for backward).
+// Backward (p = saved - shift at stride 1, where saved is x; p = saved, the shifted pooled
+// input, at stride > 1; 5 launches):
+//   B1 rows<BWD_STATS>  saved and grad_out read once: partial sums of g and g yhat.
+//   B2 bwd_finalize     fixed-order sums -> dbeta, dgamma.
+//   B3 rows<BWD_DX>     saved and grad_out read once: dy = gamma rstd (g - dbeta/M - yhat
+//      dgamma/M) (training) or gamma rstd g (eval), rounded to x's dtype as eager's BatchNorm
+//      backward returns it, kept in shared memory [tm x C_out] and written once (M C_out e)
+//      for dW; then dp = dy W per block of 64 input channels, and each pooled position
+//      writes its window of grad_x with dp / count (the last row / column of windows also
+//      the zeros of floor mode's trailing pixels): grad_x written once, no memset.
+//   B4 dw_partial       grid (C_out/R, C_in/64, splits), R = 128 for bf16/fp16 (tensor
+//      cores), 64 otherwise: split-K over m of dW = dy^T p; dy read ceil(C_in/64) times,
+//      saved ceil(C_out/R) times; partials 4 splits C_out C_in.
+//   B5 dw_reduce        the splits summed in a fixed order, + eval's rstd gamma dbeta shift^T.
+// Deterministic: no floating-point atomics anywhere. Every global access goes through
+// load_act / store_act / load_param / store_param, which the emulation counts.
 //
-// Next steps (performance, not correctness): read `pooled` instead of re-pooling x
-// in F3; keep dy in the activation dtype or fuse B3 into B4/B5; bf16/fp16 tiles on
-// tensor cores (mma/wgmma) and cp.async / TMA staging; one C_out tile per block so
-// x is read exactly once.
+// Not done yet: 16-byte vector / cp.async loads (the loads are element-wise, coalesced);
+// wgmma; dW without the dy round trip and the re-reads of B4.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
@@ -64,149 +63,168 @@
 
 #include <optional>
 #include <tuple>
+#include <cstdint>
 #include <type_traits>
 
-#include "../shapes.h"
+#include "../projection_args.h"
 
 namespace hires_cuda {
 
-constexpr int T = 64;          // tile rows and columns
-constexpr int BK = 16;         // k chunk staged in shared memory
-constexpr int PITCH = T + 1;   // padded shared-memory row (no bank conflicts on transposed stores)
-constexpr int NT = 256;        // threads per tile block; thread (ty, tx) = (tid / 16, tid % 16)
-                               // owns rows ty + 16 i and columns tx + 16 j, i, j < 4
+constexpr int NT = 256;          // threads of a tile block: 8 warps
+constexpr int TN = 64;           // GEMM tile columns (channels)
+constexpr int KC = 64;           // k depth of one staged chunk of the weight operand
+constexpr int KD = 32;           // positions per chunk of the dW kernel (its static shared memory stays under 48 KB in fp64)
+constexpr int KPAD = 8;          // shared rows padded by 8 elements: conflict-free fragment loads
+constexpr int PITCH = TN + 1;    // row of the acc_t result tile
 constexpr int FIN_THREADS = 256;
 
 // ---------------------------------------------------------------------------------
-// Loaders. Each is a functor acc_t operator()(int64_t k, int r) giving operand(k, row0 + r),
-// 0 outside the matrix.
+// Global memory. Every global access of the kernels goes through these four helpers, so
+// that the CPU emulation (tests/cuda_emulation.h) can count the bytes each launch
+// requests; on the GPU they are plain loads and stores. "act" is everything whose size
+// grows with the batch (activations, their workspaces, per-tile partials); "param" is
+// the weight and per-channel vectors (L2-resident, re-read by every block).
+#ifndef HIRES_TRAFFIC
+#define HIRES_TRAFFIC(kind, bytes) ((void)0)
+#endif
+enum TrafficKind { ACT_READ = 0, ACT_WRITE = 1, PARAM_READ = 2, PARAM_WRITE = 3 };
 
-// A 4-D activation [N, C, H, W] read through its strides as the pooled matrix p[m][c]:
-// window average of (src - shift) over rows [ho s, min(ho s + s, H)) and columns
-// [wo s, min(wo s + s, W)) (s = 1: a plain read). Optionally stores each value it
-// computes to `dst` (the `pooled` output, same indexing at H' x W').
-template <typename scalar_t, typename acc_t>
-struct PooledView {
-  const scalar_t* src;
-  int64_t sn, sc, sh, sw;
-  int C, H, W;        // src channels and spatial size
-  int Ho, Wo, s;      // pooled size and window
-  int64_t M;          // N * Ho * Wo
-  const acc_t* shift; // nullable
-  scalar_t* dst;      // nullable
-  int64_t dn, dc, dh, dw;
+template <int KIND, typename V>
+__device__ __forceinline__ V counted_load(const V* p) {
+  HIRES_TRAFFIC(KIND, sizeof(V));
+  return *p;
+}
+template <int KIND, typename V>
+__device__ __forceinline__ void counted_store(V* p, V v) {
+  HIRES_TRAFFIC(KIND, sizeof(V));
+  *p = v;
+}
+template <typename V> __device__ __forceinline__ V load_act(const V* p) { return counted_load<ACT_READ>(p); }
+template <typename V> __device__ __forceinline__ void store_act(V* p, V v) { counted_store<ACT_WRITE>(p, v); }
+template <typename V> __device__ __forceinline__ V load_param(const V* p) { return counted_load<PARAM_READ>(p); }
+template <typename V> __device__ __forceinline__ void store_param(V* p, V v) { counted_store<PARAM_WRITE>(p, v); }
 
-  __device__ acc_t operator()(int64_t m, int c) const {
-    if (m >= M || c >= C) return acc_t(0);
-    const int64_t hw = (int64_t)Ho * Wo;
-    const int64_t n = m / hw;
-    const int64_t rem = m - n * hw;
-    const int ho = (int)(rem / Wo), wo = (int)(rem - (int64_t)ho * Wo);
-    const int h0 = ho * s, w0 = wo * s;
-    const int h1 = min(h0 + s, H), w1 = min(w0 + s, W);
-    const scalar_t* base = src + n * sn + (int64_t)c * sc;
-    const acc_t sub = shift != nullptr ? shift[c] : acc_t(0);
-    acc_t sum = acc_t(0);
-    for (int h = h0; h < h1; ++h)
-      for (int w = w0; w < w1; ++w)
-        sum += static_cast<acc_t>(base[(int64_t)h * sh + (int64_t)w * sw]) - sub;
-    const acc_t v = s == 1 ? sum : sum / static_cast<acc_t>((h1 - h0) * (w1 - w0));
-    if (dst != nullptr)
-      dst[n * dn + (int64_t)c * dc + (int64_t)ho * dh + (int64_t)wo * dw] = static_cast<scalar_t>(v);
-    return v;
+#ifndef HIRES_DYNAMIC_SHARED
+#define HIRES_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// ---------------------------------------------------------------------------------
+// Tensor cores. D += A B for one warp: A 16x16 (row-major), B 16x8 (column-major) in
+// bf16 or fp16, D 16x8 in fp32, in mma.sync's fragment layout (PTX ISA, "m16n8k16"):
+// with g = lane / 4 and q = lane % 4, a[0..3] hold A(g, 2q..2q+1), A(g+8, 2q..), A(g, 2q+8..),
+// A(g+8, 2q+8..); b[0..1] hold B(2q..2q+1, g), B(2q+8.., g); d[v] is D(g + 8 (v / 2), 2q + v % 2).
+// The emulation implements the same layout.
+template <typename scalar_t>
+constexpr bool kTensorCores = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
+#ifndef HIRES_EMULATED
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
-};
+}
+#endif
 
-// operand(k, r) = p[row0 + r][k]: pooled positions as tile rows, channels along k.
-template <typename scalar_t, typename acc_t>
-struct PoolRowsK {
-  PooledView<scalar_t, acc_t> v;
-  int64_t row0;
-  __device__ acc_t operator()(int64_t k, int r) const { return v(row0 + r, (int)k); }
-};
-
-// operand(k, r) = p[k][row0 + r]: positions along k, channels as tile columns.
-template <typename scalar_t, typename acc_t>
-struct PoolKRows {
-  PooledView<scalar_t, acc_t> v;
-  int64_t row0;
-  __device__ acc_t operator()(int64_t k, int r) const {
-    const int64_t c = row0 + r;
-    return c < v.C ? v(k, (int)c) : acc_t(0);
+// The warps of a block over a tm x 64 result tile (tm = 16, 32, 64 or 128): tm / 16 warps
+// along the rows, 8 / (tm / 16) along the columns; a warp owns 16 rows and nt = tm / 16
+// groups of 8 columns, and each lane the mma.sync accumulator elements of its fragments, so
+// the fp32 and fp64 paths (FMA) hold the very same elements as the tensor-core path.
+struct Frag {
+  int row0, col0, nt, g, q;
+  __device__ explicit Frag(int tm) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = tm / 16;
+    row0 = 16 * (warp % wm);
+    nt = wm;
+    col0 = (warp / wm) * 8 * nt;
+    g = lane / 4;
+    q = lane % 4;
   }
+  __device__ int row(int v) const { return row0 + g + 8 * (v / 2); }
+  __device__ int col(int j, int v) const { return col0 + 8 * j + 2 * q + v % 2; }
 };
 
-// operand(k, r) = ptr[k * stride_k + (row0 + r) * stride_r] for row0 + r < rows.
-template <typename acc_t>
-struct MatView {
-  const acc_t* ptr;
-  int64_t stride_k, stride_r, row0, rows;
-  __device__ acc_t operator()(int64_t k, int r) const {
-    const int64_t row = row0 + r;
-    return row < rows ? ptr[k * stride_k + row * stride_r] : acc_t(0);
-  }
-};
+template <int NJ, typename acc_t>
+__device__ __forceinline__ void zero(acc_t (&acc)[NJ][4]) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[j][v] = acc_t(0);
+}
 
-// S[kk][r] = f(k0 + kk, r) (0 for k >= k_end). k_fast: consecutive threads take
-// consecutive k (the contiguous direction of the source), else consecutive rows.
-template <typename acc_t, typename F>
-__device__ __forceinline__ void fill_tile(acc_t* S, const F& f, int64_t k0, int64_t k_end, bool k_fast) {
-  for (int e = threadIdx.x; e < BK * T; e += NT) {
-    const int kk = k_fast ? e % BK : e / T;
-    const int r = k_fast ? e / BK : e % T;
-    const int64_t k = k0 + kk;
-    S[kk * PITCH + r] = k < k_end ? f(k, r) : acc_t(0);
+// acc += A B^T over k in [0, depth) (depth a multiple of 16): A rows and B columns both
+// stored k-contiguous in shared memory (pitches lda, ldb elements).
+template <typename scalar_t, typename acc_t, int NJ>
+__device__ __forceinline__ void mma_chunk(acc_t (&acc)[NJ][4], const scalar_t* A, int lda, const scalar_t* B, int ldb,
+                                          int depth, const Frag& f) {
+  if constexpr (kTensorCores<scalar_t>) {
+    for (int k = 0; k < depth; k += 16) {
+      auto word = [](const scalar_t* p) { return *reinterpret_cast<const uint32_t*>(p); };
+      const scalar_t* a0 = A + (f.row0 + f.g) * lda + k + 2 * f.q;
+      const uint32_t a[4] = {word(a0), word(a0 + 8 * lda), word(a0 + 8), word(a0 + 8 * lda + 8)};
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        if (j >= f.nt) break;
+        const scalar_t* b0 = B + (f.col0 + 8 * j + f.g) * ldb + k + 2 * f.q;
+        const uint32_t b[2] = {word(b0), word(b0 + 8)};
+        mma_16816<scalar_t>(acc[j], a, b);
+      }
+    }
+  } else {
+#pragma unroll 2  // unrolled further, the hoisted loads of fp64 spill
+    for (int k = 0; k < depth; ++k) {
+      const acc_t a0 = static_cast<acc_t>(A[f.row(0) * lda + k]);
+      const acc_t a1 = static_cast<acc_t>(A[f.row(2) * lda + k]);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        if (j >= f.nt) break;
+        const acc_t b0 = static_cast<acc_t>(B[f.col(j, 0) * ldb + k]);
+        const acc_t b1 = static_cast<acc_t>(B[f.col(j, 1) * ldb + k]);
+        acc[j][0] += a0 * b0;
+        acc[j][1] += a0 * b1;
+        acc[j][2] += a1 * b0;
+        acc[j][3] += a1 * b1;
+      }
+    }
   }
 }
 
-// acc[i][j] += sum_{k in [k_begin, k_end)} A(k, ty + 16 i) B(k, tx + 16 j).
-// smem holds at least 2 * BK * PITCH elements. Ends with a barrier, so the caller
-// may reuse smem at once.
-template <typename acc_t, typename LA, typename LB>
-__device__ void tile_gemm(acc_t (&acc)[4][4], acc_t* smem, int64_t k_begin, int64_t k_end,
-                          const LA& la, bool a_kfast, const LB& lb, bool b_kfast) {
-  acc_t* As = smem;
-  acc_t* Bs = smem + BK * PITCH;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    fill_tile(As, la, k0, k_end, a_kfast);
-    fill_tile(Bs, lb, k0, k_end, b_kfast);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      acc_t a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk * PITCH + ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk * PITCH + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+// Ys (tm x 64, pitch PITCH) = A Wt over k in [0, kpad), A resident in shared memory (tm x kpad,
+// pitch lda), the weight operand Wt(k, c) = W[k * wk + (c0 + c) * wc] (0 outside
+// [0, k_end) x [0, c_end)) staged chunk by chunk into Bs (64 x (KC + KPAD), in scalar_t:
+// bf16/fp16 weights on the tensor cores, as eager autocast rounds them). Ends with a barrier.
+template <typename scalar_t, typename acc_t>
+__device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, const acc_t* W, int64_t wk, int64_t wc,
+                            int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f) {
+  constexpr int ldb = KC + KPAD;
+  acc_t acc[4][4];
+  zero(acc);
+  const bool k_fast = wk == 1;
+  for (int k0 = 0; k0 < kpad; k0 += KC) {
+    const int depth = min(KC, kpad - k0);
+    for (int e = threadIdx.x; e < TN * KC; e += NT) {
+      const int kk = k_fast ? e % KC : e / TN;
+      const int c = k_fast ? e / KC : e % TN;
+      const int64_t k = k0 + kk;
+      const int64_t col = c0 + c;
+      Bs[c * ldb + kk] = static_cast<scalar_t>(k < k_end && col < c_end ? load_param(W + k * wk + col * wc) : acc_t(0));
     }
     __syncthreads();
+    mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f);
+    __syncthreads();
   }
-  __syncthreads();  // also when the loop ran zero times (C_in == 0)
-}
-
-// Ys[r][c] = acc (PITCH-padded T x T tile in smem); ends with a barrier.
-template <typename acc_t>
-__device__ __forceinline__ void store_tile(acc_t* Ys, const acc_t (&acc)[4][4]) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) Ys[(ty + 16 * i) * PITCH + tx + 16 * j] = acc[i][j];
+    for (int v = 0; v < 4; ++v)
+      if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
   __syncthreads();
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 template <typename acc_t>
@@ -214,164 +232,243 @@ __device__ __forceinline__ acc_t inv_sqrt(acc_t v) {
   return acc_t(1) / sqrt(v);
 }
 
+__host__ __device__ __forceinline__ int round_up(int v, int to) { return (v + to - 1) / to * to; }
+
 // ---------------------------------------------------------------------------------
-// The y tile kernel: y[m][co] = sum_ci p[m][ci] W[co][ci] for a T x T tile, with one
-// of four epilogues.
+// The row-tile kernel: a block owns tm pooled positions (rows m0 .. m0 + tm) and all
+// channels. It loads its pooled tile P (tm x C_in) into shared memory once, then loops over
+// the C_out blocks of 64: y = P W^T (tensor cores for bf16/fp16), then one of four
+// epilogues; BWD_DX then loops over the C_in blocks for dp = dy W.
 
-enum Epilogue { FWD_STATS = 0, FWD_APPLY = 1, BWD_STATS = 2, BWD_DY = 3 };
+enum Epilogue { FWD_STATS = 0, FWD_APPLY = 1, BWD_STATS = 2, BWD_DX = 3 };
 
-template <typename scalar_t, typename acc_t>
-struct Act {  // a strided [N, C, H', W'] activation at the pooled resolution
+template <typename scalar_t>
+struct Act {  // a strided [N, C, H, W] activation
   scalar_t* ptr;
   int64_t sn, sc, sh, sw;
-  __device__ __forceinline__ int64_t offset(int64_t n, int64_t c, int64_t h, int64_t w) const {
+  __device__ __forceinline__ int64_t offset(int n, int64_t c, int h, int w) const {
     return n * sn + c * sc + h * sh + w * sw;
   }
 };
 
 template <typename scalar_t, typename acc_t>
-struct YTileArgs {
-  PooledView<scalar_t, acc_t> p;  // the A operand source (x with pooling, or saved)
-  bool p_cfast;                   // its channel stride is 1 (load along channels)
+struct RowArgs {
+  Act<const scalar_t> src;        // x (pooled on load when s > 1) or saved
+  int s, H, W;                    // window and src's spatial size
+  bool src_cfast;                 // src's channel stride is 1
+  const acc_t* shift;             // nullable: subtracted from src on load
+  Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
-  int C_in, C_out, Ho, Wo;
+  int C_in, C_out, Ho, Wo, tm;
   int64_t M;
-  bool write_pooled;              // FWD: blocks with blockIdx.y == 0 store p.dst
-  // statistics in / out
-  const acc_t* mean;              // [C_out]   (APPLY, BWD_*)
-  const acc_t* var;               // [C_out]   (APPLY, BWD_*)
-  const acc_t* gamma;             // nullable  (APPLY, BWD_DY)
-  const acc_t* beta;              // nullable  (APPLY)
-  const acc_t* dbeta;             // [C_out]   (BWD_DY)
-  const acc_t* dgamma;            // [C_out]   (BWD_DY)
+  const acc_t* mean;              // [C_out] (APPLY, BWD_*); eval forward: running_mean
+  const acc_t* var;               // [C_out] (APPLY, BWD_*)
+  const acc_t* eval_shift;        // eval forward: the x shift; the epilogue's mean is mean - W eval_shift
+  acc_t* mean_out;                // eval forward: the first row tile's blocks store the statistics used
+  acc_t* var_out;
+  const acc_t* gamma;             // nullable (APPLY, BWD_DX)
+  const acc_t* beta;              // nullable (APPLY)
+  const acc_t* dbeta;             // [C_out] (BWD_DX)
+  const acc_t* dgamma;            // [C_out] (BWD_DX)
   acc_t eps;
   bool training;
-  acc_t* part0;                   // [tiles_m][C_out]: mean (FWD_STATS) / sum g (BWD_STATS)
-  acc_t* part1;                   // [tiles_m][C_out]: M2 (FWD_STATS) / sum g*yhat (BWD_STATS)
-  Act<scalar_t, acc_t> out;       // FWD_APPLY output
-  Act<scalar_t, acc_t> residual;  // FWD_APPLY, ptr nullable
-  Act<scalar_t, acc_t> grad;      // BWD_*: grad_out
-  bool act_cfast;                 // out / grad_out channel stride is 1
-  acc_t* dy;                      // BWD_DY: [M][C_out]
+  acc_t* part0;                   // [tiles][C_out]: mean (FWD_STATS) / sum g (BWD_STATS)
+  acc_t* part1;                   // [tiles][C_out]: M2 (FWD_STATS) / sum g yhat (BWD_STATS)
+  Act<scalar_t> out;              // FWD_APPLY output
+  Act<const scalar_t> residual;   // FWD_APPLY, ptr nullable
+  Act<const scalar_t> grad;       // BWD_*: grad_out
+  bool act_cfast;                 // out / grad_out / grad_x channel stride is 1
+  scalar_t* dy;                   // BWD_DX: [M][C_out], the input of the dW kernel
+  Act<scalar_t> grad_x;           // BWD_DX
+  int stride, in_h, in_w;         // BWD_DX: the op's stride and grad_x's spatial size
 };
 
-template <typename scalar_t, typename acc_t, int EPI>
-__global__ void __launch_bounds__(NT) y_tile_kernel(YTileArgs<scalar_t, acc_t> a) {
-  __shared__ acc_t smem[T * PITCH];
-  __shared__ acc_t c_mean[T], c_rstd[T], c_scale[T], c_beta[T], c_db[T], c_dg[T];
-  const int64_t m0 = (int64_t)blockIdx.x * T;
-  const int64_t co0 = (int64_t)blockIdx.y * T;
-
-  if (EPI != FWD_STATS && threadIdx.x < T) {  // per-column constants (visible after tile_gemm's barriers)
-    const int64_t co = co0 + threadIdx.x;
-    acc_t mean = 0, rstd = 0, scale = 0, beta = 0, db = 0, dg = 0;
-    if (co < a.C_out) {
-      mean = a.mean[co];
-      rstd = inv_sqrt(a.var[co] + a.eps);
-      scale = a.gamma != nullptr ? rstd * a.gamma[co] : rstd;
-      if (EPI == FWD_APPLY) beta = a.beta != nullptr ? a.beta[co] : acc_t(0);
-      if (EPI == BWD_DY && a.training) {
-        db = a.dbeta[co] / static_cast<acc_t>(a.M);
-        dg = a.dgamma[co] / static_cast<acc_t>(a.M);
-      }
-    }
-    c_mean[threadIdx.x] = mean;
-    c_rstd[threadIdx.x] = rstd;
-    c_scale[threadIdx.x] = scale;
-    c_beta[threadIdx.x] = beta;
-    c_db[threadIdx.x] = db;
-    c_dg[threadIdx.x] = dg;
+// Byte offsets of the row kernel's shared memory; the same on host (launch size) and device.
+struct RowSmem {
+  int ys, consts, pos, ps, ds, bs, total;
+  int ldp, ldd, kin, kout;
+  __host__ __device__ RowSmem(int tm, int C_in, int C_out, bool with_dy, int acc_size, int elt_size) {
+    kin = round_up(C_in, 16);
+    kout = round_up(C_out, 16);
+    ldp = kin + KPAD;
+    ldd = kout + KPAD;
+    ys = 0;
+    consts = ys + round_up(tm * PITCH * acc_size, 16);
+    pos = consts + round_up(6 * TN * acc_size, 16);
+    ps = pos + round_up(3 * tm * 4, 16);
+    ds = ps + round_up(tm * ldp * elt_size, 16);
+    bs = ds + (with_dy ? round_up(tm * ldd * elt_size, 16) : 0);
+    total = bs + TN * (KC + KPAD) * elt_size;
   }
+};
 
-  PoolRowsK<scalar_t, acc_t> la{a.p, m0};
-  if (!(a.write_pooled && blockIdx.y == 0)) la.v.dst = nullptr;
-  MatView<acc_t> lb{a.weight, 1, a.C_in, co0, a.C_out};  // B(k = ci, c = co) = W[co][ci]
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
-  tile_gemm(acc, smem, 0, a.C_in, la, a.p_cfast, lb, true);
-  acc_t* Ys = smem;
-  store_tile(Ys, acc);
+// Ps[r][k] = p(m0 + r, k) for r < rows, k < C (0 elsewhere up to kin): the window mean of
+// (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it.
+template <typename scalar_t, typename acc_t>
+__device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, scalar_t* Ps, const int* rn,
+                          const int* rh, const int* rw, int rows) {
+  const int kin = L.kin;
+  for (int e = threadIdx.x; e < a.tm * kin; e += NT) {
+    const int k = a.src_cfast ? e % kin : e / a.tm;
+    const int r = a.src_cfast ? e / kin : e % a.tm;
+    scalar_t v = static_cast<scalar_t>(acc_t(0));
+    if (r < rows && k < a.C_in) {
+      const int h0 = rh[r] * a.s, w0 = rw[r] * a.s;
+      const int h1 = min(h0 + a.s, a.H), w1 = min(w0 + a.s, a.W);
+      const acc_t sub = a.shift != nullptr ? load_param(a.shift + k) : acc_t(0);
+      acc_t sum = acc_t(0);
+      for (int h = h0; h < h1; ++h)
+        for (int w = w0; w < w1; ++w) sum += static_cast<acc_t>(load_act(a.src.ptr + a.src.offset(rn[r], k, h, w))) - sub;
+      v = static_cast<scalar_t>(a.s == 1 ? sum : sum / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
+      if (a.pooled.ptr != nullptr) store_act(a.pooled.ptr + a.pooled.offset(rn[r], k, rh[r], rw[r]), v);
+    }
+    Ps[r * L.ldp + k] = v;
+  }
+}
 
-  const int rows = (int)min64(T, a.M - m0);
+template <typename scalar_t, typename acc_t, int EPI>
+__global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a) {
+  HIRES_DYNAMIC_SHARED(smem);
+  const RowSmem L(a.tm, a.C_in, a.C_out, EPI == BWD_DX, sizeof(acc_t), sizeof(scalar_t));
+  acc_t* Ys = reinterpret_cast<acc_t*>(smem + L.ys);
+  acc_t* c_mean = reinterpret_cast<acc_t*>(smem + L.consts);
+  acc_t *c_rstd = c_mean + TN, *c_scale = c_mean + 2 * TN, *c_beta = c_mean + 3 * TN, *c_db = c_mean + 4 * TN,
+        *c_dg = c_mean + 5 * TN;
+  int* rn = reinterpret_cast<int*>(smem + L.pos);
+  int *rh = rn + a.tm, *rw = rn + 2 * a.tm;
+  scalar_t* Ps = reinterpret_cast<scalar_t*>(smem + L.ps);
+  scalar_t* Ds = reinterpret_cast<scalar_t*>(smem + L.ds);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
+
+  const int64_t m0 = (int64_t)blockIdx.x * a.tm;
+  const int rows = (int)(a.M - m0 < a.tm ? a.M - m0 : a.tm);
   const int64_t hw = (int64_t)a.Ho * a.Wo;
+  if (threadIdx.x < a.tm) {  // the only divisions by the geometry: once per row
+    const int64_t m = m0 + (threadIdx.x < rows ? threadIdx.x : 0);
+    const int64_t n = m / hw, rem = m - n * hw;
+    rn[threadIdx.x] = (int)n;
+    rh[threadIdx.x] = (int)(rem / a.Wo);
+    rw[threadIdx.x] = (int)(rem - rem / a.Wo * a.Wo);
+  }
+  __syncthreads();
+  load_rows(a, L, Ps, rn, rh, rw, rows);
+  __syncthreads();
 
-  if (EPI == FWD_STATS || EPI == BWD_STATS) {
-    // One warp per column at a time; lanes cover rows lane and lane + 32.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int c = warp; c < T; c += NT / 32) {
-      const int64_t co = co0 + c;
-      if (co >= a.C_out) continue;  // warp-uniform
-      if (EPI == FWD_STATS) {
-        const acc_t v0 = lane < rows ? Ys[lane * PITCH + c] : acc_t(0);
-        const acc_t v1 = lane + 32 < rows ? Ys[(lane + 32) * PITCH + c] : acc_t(0);
-        const acc_t mean = warp_sum(v0 + v1) / static_cast<acc_t>(rows);
-        const acc_t d0 = lane < rows ? v0 - mean : acc_t(0);
-        const acc_t d1 = lane + 32 < rows ? v1 - mean : acc_t(0);
-        const acc_t m2 = warp_sum(d0 * d0 + d1 * d1);
-        if (lane == 0) {
-          a.part0[(int64_t)blockIdx.x * a.C_out + co] = mean;
-          a.part1[(int64_t)blockIdx.x * a.C_out + co] = m2;
-        }
-      } else {
-        acc_t sg = 0, sgy = 0;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = lane + 32 * h;
-          if (r < rows) {
-            const int64_t m = m0 + r;
-            const int64_t n = m / hw, rem = m - n * hw;
-            const int64_t ho = rem / a.Wo, wo = rem - ho * a.Wo;
-            const acc_t g = static_cast<acc_t>(a.grad.ptr[a.grad.offset(n, co, ho, wo)]);
-            const acc_t yhat = (Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c];
-            sg += g;
-            sgy += g * yhat;
+  const Frag f(a.tm);
+  for (int64_t co0 = 0; co0 < a.C_out; co0 += TN) {
+    if (EPI != FWD_STATS && threadIdx.x < TN) {  // per-column constants (visible after gemm_weight's barriers)
+      const int64_t co = co0 + threadIdx.x;
+      acc_t mean = 0, rstd = 0, scale = 0, beta = 0, db = 0, dg = 0;
+      if (co < a.C_out) {
+        mean = load_param(a.mean + co);
+        if (a.eval_shift != nullptr) {
+          // Running statistics describe W x; the kernels see W (x - shift).
+          for (int k = 0; k < a.C_in; ++k) mean -= load_param(a.weight + co * a.C_in + k) * load_param(a.eval_shift + k);
+          if (blockIdx.x == 0) {
+            store_param(a.mean_out + co, mean);
+            store_param(a.var_out + co, load_param(a.var + co));
           }
         }
-        sg = warp_sum(sg);
-        sgy = warp_sum(sgy);
-        if (lane == 0) {
-          a.part0[(int64_t)blockIdx.x * a.C_out + co] = sg;
-          a.part1[(int64_t)blockIdx.x * a.C_out + co] = sgy;
+        rstd = inv_sqrt(load_param(a.var + co) + a.eps);
+        scale = a.gamma != nullptr ? rstd * load_param(a.gamma + co) : rstd;
+        if (EPI == FWD_APPLY) beta = a.beta != nullptr ? load_param(a.beta + co) : acc_t(0);
+        if (EPI == BWD_DX && a.training) {
+          db = load_param(a.dbeta + co) / static_cast<acc_t>(a.M);
+          dg = load_param(a.dgamma + co) / static_cast<acc_t>(a.M);
+        }
+      }
+      c_mean[threadIdx.x] = mean;
+      c_rstd[threadIdx.x] = rstd;
+      c_scale[threadIdx.x] = scale;
+      c_beta[threadIdx.x] = beta;
+      c_db[threadIdx.x] = db;
+      c_dg[threadIdx.x] = dg;
+    }
+    gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
+
+    if (EPI == FWD_STATS || EPI == BWD_STATS) {
+      // One thread per column, over the rows in order (deterministic).
+      const int c = threadIdx.x;
+      const int64_t co = co0 + c;
+      if (c < TN && co < a.C_out) {
+        acc_t s0 = 0, s1 = 0;
+        if (EPI == FWD_STATS) {  // two-pass (mean, M2) of the tile's rows
+          for (int r = 0; r < rows; ++r) s0 += Ys[r * PITCH + c];
+          s0 /= static_cast<acc_t>(rows);
+          for (int r = 0; r < rows; ++r) {
+            const acc_t d = Ys[r * PITCH + c] - s0;
+            s1 += d * d;
+          }
+        } else {  // sum g, sum g yhat
+          for (int r = 0; r < rows; ++r) {
+            const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+            s0 += g;
+            s1 += g * ((Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c]);
+          }
+        }
+        store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
+        store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
+      }
+    } else {
+      // Elementwise: consecutive threads along the contiguous direction.
+      for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
+        const int c = a.act_cfast ? e % TN : e / a.tm;
+        const int r = a.act_cfast ? e / TN : e % a.tm;
+        const int64_t co = co0 + c;
+        const acc_t y = Ys[r * PITCH + c];
+        if (EPI == FWD_APPLY) {
+          if (r >= rows || co >= a.C_out) continue;
+          // (y - mean) * scale, then + beta, then + residual (the reference's order).
+          acc_t v = (y - c_mean[c]) * c_scale[c] + c_beta[c];
+          if (a.residual.ptr != nullptr)
+            v += static_cast<acc_t>(load_act(a.residual.ptr + a.residual.offset(rn[r], co, rh[r], rw[r])));
+          store_act(a.out.ptr + a.out.offset(rn[r], co, rh[r], rw[r]), static_cast<scalar_t>(v));
+        } else {  // BWD_DX: dy, rounded to scalar_t as eager's BatchNorm backward returns it
+          if (co >= L.kout) continue;
+          scalar_t d = static_cast<scalar_t>(acc_t(0));
+          if (r < rows && co < a.C_out) {
+            const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+            const acc_t yhat = (y - c_mean[c]) * c_rstd[c];
+            d = static_cast<scalar_t>(a.training ? c_scale[c] * (g - c_db[c] - yhat * c_dg[c]) : c_scale[c] * g);
+            store_act(a.dy + (m0 + r) * a.C_out + co, d);
+          }
+          Ds[r * L.ldd + co] = d;
         }
       }
     }
-    return;
+    __syncthreads();
   }
+  if (EPI != BWD_DX) return;
 
-  // Elementwise epilogues: consecutive threads along the contiguous direction.
-  for (int e = threadIdx.x; e < T * T; e += NT) {
-    const int c = a.act_cfast ? e % T : e / T;
-    const int r = a.act_cfast ? e / T : e % T;
-    const int64_t co = co0 + c;
-    if (r >= rows || co >= a.C_out) continue;
-    const int64_t m = m0 + r;
-    const int64_t n = m / hw, rem = m - n * hw;
-    const int64_t ho = rem / a.Wo, wo = rem - ho * a.Wo;
-    const acc_t y = Ys[r * PITCH + c];
-    if (EPI == FWD_APPLY) {
-      // (y - mean) * scale, then + beta, then + residual (the reference's order).
-      acc_t v = (y - c_mean[c]) * c_scale[c] + c_beta[c];
-      if (a.residual.ptr != nullptr) v += static_cast<acc_t>(a.residual.ptr[a.residual.offset(n, co, ho, wo)]);
-      a.out.ptr[a.out.offset(n, co, ho, wo)] = static_cast<scalar_t>(v);
-    } else {  // BWD_DY
-      const acc_t g = static_cast<acc_t>(a.grad.ptr[a.grad.offset(n, co, ho, wo)]);
-      acc_t d;
-      if (a.training) {
-        const acc_t yhat = (y - c_mean[c]) * c_rstd[c];
-        d = c_scale[c] * (g - c_db[c] - yhat * c_dg[c]);
-      } else {
-        d = c_scale[c] * g;
-      }
-      a.dy[m * a.C_out + co] = d;
+  // dp = dy W for each block of 64 input channels, scattered to grad_x: every pooled position
+  // writes its own window with dp / count (the last row / column of windows also writes the
+  // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
+  for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
+    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
+    for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
+      const int c = a.act_cfast ? e % TN : e / a.tm;
+      const int r = a.act_cfast ? e / TN : e % a.tm;
+      const int64_t ci = ci0 + c;
+      if (r >= rows || ci >= a.C_in) continue;
+      const int ho = rh[r], wo = rw[r], s = a.stride;
+      const int h0 = ho * s, w0 = wo * s;
+      const int h1 = min(h0 + s, a.in_h), w1 = min(w0 + s, a.in_w);
+      const int h_own = ho == a.Ho - 1 ? a.in_h : h1;
+      const int w_own = wo == a.Wo - 1 ? a.in_w : w1;
+      const scalar_t v = static_cast<scalar_t>(Ys[r * PITCH + c] / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
+      const scalar_t zero_v = static_cast<scalar_t>(acc_t(0));
+      for (int h = h0; h < h_own; ++h)
+        for (int w = w0; w < w_own; ++w)
+          store_act(a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w), (h < h1 && w < w1) ? v : zero_v);
     }
+    __syncthreads();
   }
 }
 
 // ---------------------------------------------------------------------------------
 // Finalize kernels: one block per output channel, fixed-order reductions.
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Chan's merge of (count, mean, M2) triples; counts are exact small integers.
 template <typename acc_t>
@@ -388,30 +485,43 @@ __device__ __forceinline__ void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc
   n = tot;
 }
 
+// One warp per channel (FIN_THREADS / 32 channels per block): lane l takes tiles l, l + 32,
+// ...; lane 0 then combines the 32 lane results in lane order: a fixed order, so the
+// results are deterministic, with a single warp barrier.
+constexpr int FIN_CHANNELS = FIN_THREADS / 32;
+
+// Per channel: mean and biased variance from the row tiles' partials (tiles of tm rows);
+// then, when running statistics are given (contiguous, acc_t), their momentum update with
+// the unshifted mean mean + W[co] . shift and the unbiased variance, as F.batch_norm does.
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
-    const acc_t* part_mean, const acc_t* part_m2, int64_t tiles, int64_t M, int C_out,
-    acc_t* mean_out, acc_t* var_out) {
-  __shared__ acc_t sn[FIN_THREADS], sm[FIN_THREADS], s2[FIN_THREADS];
-  const int co = blockIdx.x;
-  acc_t n = 0, mean = 0, m2 = 0;
-  for (int64_t t = threadIdx.x; t < tiles; t += FIN_THREADS) {
-    const acc_t cnt = static_cast<acc_t>(min64(T, M - t * T));
-    chan_merge(n, mean, m2, cnt, part_mean[t * C_out + co], part_m2[t * C_out + co]);
+    const acc_t* part_mean, const acc_t* part_m2, int64_t tiles, int tm, int64_t M, int C_out,
+    acc_t* mean_out, acc_t* var_out, const acc_t* weight, const acc_t* shift, int C_in,
+    acc_t* running_mean, acc_t* running_var, acc_t momentum) {
+  __shared__ acc_t sn[FIN_THREADS], sm[FIN_THREADS], s2[FIN_THREADS], sw[FIN_THREADS];
+  const int lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
+  if (co >= C_out) return;  // whole warps
+  acc_t n = 0, mean = 0, m2 = 0, ws = 0;
+  for (int64_t t = lane; t < tiles; t += 32) {
+    const acc_t cnt = static_cast<acc_t>(min64(tm, M - t * tm));
+    chan_merge(n, mean, m2, cnt, load_act(part_mean + t * C_out + co), load_act(part_m2 + t * C_out + co));
   }
-  sn[threadIdx.x] = n; sm[threadIdx.x] = mean; s2[threadIdx.x] = m2;
-  __syncthreads();
-  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) {
-      acc_t a = sn[threadIdx.x], b = sm[threadIdx.x], c = s2[threadIdx.x];
-      chan_merge(a, b, c, sn[threadIdx.x + half], sm[threadIdx.x + half], s2[threadIdx.x + half]);
-      sn[threadIdx.x] = a; sm[threadIdx.x] = b; s2[threadIdx.x] = c;
-    }
-    __syncthreads();
+  if (running_mean != nullptr)
+    for (int k = lane; k < C_in; k += 32) ws += load_param(weight + (int64_t)co * C_in + k) * load_param(shift + k);
+  sn[threadIdx.x] = n; sm[threadIdx.x] = mean; s2[threadIdx.x] = m2; sw[threadIdx.x] = ws;
+  __syncwarp();
+  if (lane != 0) return;
+  for (int l = 1; l < 32; ++l) {
+    chan_merge(n, mean, m2, sn[base + l], sm[base + l], s2[base + l]);
+    ws += sw[base + l];
   }
-  if (threadIdx.x == 0) {
-    mean_out[co] = sm[0];
-    var_out[co] = s2[0] / static_cast<acc_t>(M);
+  store_param(mean_out + co, mean);
+  store_param(var_out + co, m2 / static_cast<acc_t>(M));
+  if (running_mean != nullptr) {
+    const acc_t keep = acc_t(1) - momentum;
+    store_param(running_mean + co, load_param(running_mean + co) * keep + (mean + ws) * momentum);
+    store_param(running_var + co, load_param(running_var + co) * keep + m2 / static_cast<acc_t>(M - 1) * momentum);
   }
 }
 
@@ -419,371 +529,369 @@ template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
     const acc_t* part_g, const acc_t* part_gy, int64_t tiles, int C_out, acc_t* dbeta, acc_t* dgamma) {
   __shared__ acc_t s0[FIN_THREADS], s1[FIN_THREADS];
-  const int co = blockIdx.x;
+  const int lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
+  if (co >= C_out) return;  // whole warps
   acc_t a = 0, b = 0;
-  for (int64_t t = threadIdx.x; t < tiles; t += FIN_THREADS) {
-    a += part_g[t * C_out + co];
-    b += part_gy[t * C_out + co];
+  for (int64_t t = lane; t < tiles; t += 32) {
+    a += load_act(part_g + t * C_out + co);
+    b += load_act(part_gy + t * C_out + co);
   }
   s0[threadIdx.x] = a; s1[threadIdx.x] = b;
-  __syncthreads();
-  for (int half = FIN_THREADS / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) {
-      s0[threadIdx.x] += s0[threadIdx.x + half];
-      s1[threadIdx.x] += s1[threadIdx.x + half];
+  __syncwarp();
+  if (lane != 0) return;
+  for (int l = 1; l < 32; ++l) {
+    a += s0[base + l];
+    b += s1[base + l];
+  }
+  store_param(dbeta + co, a);
+  store_param(dgamma + co, b);
+}
+
+// ---------------------------------------------------------------------------------
+// dW partials: ws[z][co][ci] = sum_{m in split z} dy[m][co] p[m][ci] for a tile of
+// kDwRows output x 64 input channels, both operands staged k-contiguous (k = m) in shared
+// memory, tensor cores for bf16/fp16 (128 output channels a block there: p is re-read once
+// per block row, so the taller tile halves those re-reads). p is read from saved as
+// load_rows reads it (shift subtracted at stride 1, rounded to scalar_t), so dW pairs dy
+// with exactly the p the other passes used.
+template <typename scalar_t>
+constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
+    const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, int C_in, int C_out, int Ho,
+    int Wo, int64_t M, int64_t chunk, acc_t* ws) {
+  constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
+  __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
+  __shared__ int64_t row_off[KD];
+  const int64_t co0 = (int64_t)blockIdx.x * ROWS, ci0 = (int64_t)blockIdx.y * TN;
+  const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
+  const int64_t hw = (int64_t)Ho * Wo;
+  const Frag f(ROWS);
+  acc_t acc[ROWS / 16][4];
+  zero(acc);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += KD) {
+    if (threadIdx.x < KD) {  // saved's offset of each position of the chunk
+      const int64_t m = min64(k0 + threadIdx.x, M - 1), n = m / hw, rem = m - n * hw;
+      row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
+    for (int e = threadIdx.x; e < ROWS * KD; e += NT) {
+      const int r = e % ROWS, kk = e / ROWS;  // dy is co-contiguous
+      const int64_t m = k0 + kk, co = co0 + r;
+      As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
+    }
+    for (int e = threadIdx.x; e < TN * KD; e += NT) {
+      const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
+      const int64_t mb = k0 + kb, ci = ci0 + c;
+      scalar_t v = static_cast<scalar_t>(acc_t(0));
+      if (mb < k_end && ci < C_in) {
+        const acc_t sub = shift != nullptr ? load_param(shift + ci) : acc_t(0);
+        v = static_cast<scalar_t>(static_cast<acc_t>(load_act(p.ptr + row_off[kb] + ci * p.sc)) - sub);
+      }
+      Bs[c * ld + kb] = v;
+    }
+    __syncthreads();
+    mma_chunk(acc, As, ld, Bs, ld, KD, f);
+    __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    dbeta[co] = s0[0];
-    dgamma[co] = s1[0];
-  }
-}
-
-// ---------------------------------------------------------------------------------
-// dp = dy W for a (T positions) x (T input channels) tile, scattered into grad_x.
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(NT) dp_scatter_kernel(
-    const acc_t* dy, const acc_t* weight, int C_in, int C_out, int64_t M, int Ho, int Wo,
-    int H, int W, int s, Act<scalar_t, acc_t> gx, bool gx_cfast) {
-  __shared__ acc_t smem[T * PITCH];
-  const int64_t m0 = (int64_t)blockIdx.x * T;
-  const int64_t ci0 = (int64_t)blockIdx.y * T;
-  MatView<acc_t> la{dy, 1, C_out, m0, M};            // A(k = co, r = m)  = dy[m][co]
-  MatView<acc_t> lb{weight, C_in, 1, ci0, C_in};     // B(k = co, c = ci) = W[co][ci]
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
-  tile_gemm(acc, smem, 0, C_out, la, true, lb, false);
-  acc_t* Ys = smem;
-  store_tile(Ys, acc);
-
-  const int rows = (int)min64(T, M - m0);
-  const int64_t hw = (int64_t)Ho * Wo;
-  for (int e = threadIdx.x; e < T * T; e += NT) {
-    const int c = gx_cfast ? e % T : e / T;
-    const int r = gx_cfast ? e / T : e % T;
-    const int64_t ci = ci0 + c;
-    if (r >= rows || ci >= C_in) continue;
-    const int64_t m = m0 + r;
-    const int64_t n = m / hw, rem = m - n * hw;
-    const int ho = (int)(rem / Wo), wo = (int)(rem - (int64_t)ho * Wo);
-    // The window, and the region this position owns: the window, extended to the
-    // border for the last row / column of windows (floor mode's trailing pixels).
-    const int h0 = ho * s, w0 = wo * s;
-    const int h1 = min(h0 + s, H), w1 = min(w0 + s, W);
-    const int h_own = ho == Ho - 1 ? H : h1;
-    const int w_own = wo == Wo - 1 ? W : w1;
-    const acc_t v = Ys[r * PITCH + c] / static_cast<acc_t>((h1 - h0) * (w1 - w0));
-    const scalar_t vin = static_cast<scalar_t>(v);
-    const scalar_t zero = static_cast<scalar_t>(acc_t(0));
-    for (int h = h0; h < h_own; ++h)
-      for (int w = w0; w < w_own; ++w)
-        gx.ptr[gx.offset(n, ci, h, w)] = (h < h1 && w < w1) ? vin : zero;
-  }
-}
-
-// ---------------------------------------------------------------------------------
-// dW partials: ws[z][co][ci] = sum_{m in split z} dy[m][co] p[m][ci]; then a
-// fixed-order sum over z.
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(NT) dw_partial_kernel(
-    const acc_t* dy, PooledView<scalar_t, acc_t> p, bool p_kfast, int C_in, int C_out, int64_t M,
-    int64_t chunk, acc_t* ws) {
-  __shared__ acc_t smem[2 * BK * PITCH];
-  const int64_t co0 = (int64_t)blockIdx.x * T;
-  const int64_t ci0 = (int64_t)blockIdx.y * T;
-  const int64_t k_begin = (int64_t)blockIdx.z * chunk;
-  const int64_t k_end = min64(M, k_begin + chunk);
-  MatView<acc_t> la{dy, C_out, 1, co0, C_out};  // A(k = m, r = co) = dy[m][co]
-  PoolKRows<scalar_t, acc_t> lb{p, ci0};        // B(k = m, c = ci) = p[m][ci]
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
-  tile_gemm(acc, smem, k_begin, k_end, la, false, lb, p_kfast);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t co = co0 + ty + 16 * i;
+  for (int j = 0; j < ROWS / 16; ++j)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t ci = ci0 + tx + 16 * j;
-      if (co < C_out && ci < C_in) out[co * C_in + ci] = acc[i][j];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t co = co0 + f.row(v), ci = ci0 + f.col(j, v);
+      if (co < C_out && ci < C_in) store_act(out + co * C_in + ci, acc[j][v]);
     }
+}
+
+// dW[co][ci] = the splits summed in a fixed order; in eval, + rstd gamma dbeta shift[ci]:
+// the partials summed dy (p - shift)^T and dW needs dy p^T. (In training sum_m dy = 0, so
+// the shift drops out exactly.)
+template <typename acc_t>
+__global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
+    const acc_t* ws, int64_t splits, int C_out, int C_in, acc_t* dw, const acc_t* shift, const acc_t* var,
+    const acc_t* gamma, const acc_t* dbeta, acc_t eps) {
+  const int64_t numel = (int64_t)C_out * C_in;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t z = 0; z < splits; ++z) s += load_act(ws + z * numel + i);
+    if (shift != nullptr) {
+      const int64_t co = i / C_in;
+      const acc_t rstd = inv_sqrt(load_param(var + co) + eps);
+      const acc_t scale = gamma != nullptr ? rstd * load_param(gamma + co) : rstd;
+      s += scale * load_param(dbeta + co) * load_param(shift + i - co * C_in);
+    }
+    store_param(dw + i, s);
   }
 }
 
-template <typename acc_t>
-__global__ void dw_reduce_kernel(const acc_t* ws, int64_t splits, int64_t numel, acc_t* dw) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= numel) return;
-  acc_t s = 0;
-  for (int64_t z = 0; z < splits; ++z) s += ws[z * numel + i];
-  dw[i] = s;
+// shift[c] = mean of x[0, c, :s, :s] (0 where not finite, so a NaN or Inf stays where it
+// is instead of spreading); hires_kernels/shapes.py's data_shift.
+template <typename scalar_t, typename acc_t>
+__global__ void shift_kernel(Act<const scalar_t> x, int C, int H, int W, int s, acc_t* shift) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const int hs = min(s, H), ws = min(s, W);
+  acc_t sum = 0;
+  for (int h = 0; h < hs; ++h)
+    for (int w = 0; w < ws; ++w) sum += static_cast<acc_t>(load_act(x.ptr + x.offset(0, c, h, w)));
+  const acc_t m = sum / static_cast<acc_t>(hs * ws);
+  store_param(shift + c, isfinite(m) ? m : acc_t(0));
 }
 
 // ---------------------------------------------------------------------------------
 // Host side.
 
-at::MemoryFormat memory_format_of(const at::Tensor& t) {  // = hires_kernels.shapes.memory_format_of
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  const auto s = t.strides();
-  return (s[1] < s[3] && s[3] <= s[2] && s[2] <= s[0]) ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous;
-}
-
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename scalar_t, typename acc_t>
-PooledView<scalar_t, acc_t> pooled_view(const at::Tensor& src, int Ho, int Wo, int s, const acc_t* shift) {
-  PooledView<scalar_t, acc_t> v;
-  v.src = src.data_ptr<scalar_t>();
-  v.sn = src.stride(0); v.sc = src.stride(1); v.sh = src.stride(2); v.sw = src.stride(3);
-  v.C = (int)src.size(1); v.H = (int)src.size(2); v.W = (int)src.size(3);
-  v.Ho = Ho; v.Wo = Wo; v.s = s;
-  v.M = src.size(0) * (int64_t)Ho * Wo;
-  v.shift = shift;
-  v.dst = nullptr;
-  v.dn = v.dc = v.dh = v.dw = 0;
-  return v;
-}
-
-template <typename scalar_t, typename acc_t>
-Act<scalar_t, acc_t> act_view(const at::Tensor& t) {
-  if (!t.defined()) return Act<scalar_t, acc_t>{nullptr, 0, 0, 0, 0};
-  return Act<scalar_t, acc_t>{const_cast<scalar_t*>(t.data_ptr<scalar_t>()), t.stride(0), t.stride(1),
-                              t.stride(2), t.stride(3)};
+template <typename scalar_t>
+Act<scalar_t> act_view(const at::Tensor& t) {
+  if (!t.defined()) return Act<scalar_t>{nullptr, 0, 0, 0, 0};
+  return Act<scalar_t>{static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 template <typename acc_t>
-const acc_t* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<acc_t>() : nullptr;
+acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-void check_param(const std::optional<at::Tensor>& t, const char* name, at::ScalarType acc, int64_t n,
-                 const at::Tensor& x) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->scalar_type() == acc, "hires_C (cuda): ", name, " must be ", acc, ", got ", t->scalar_type());
-  TORCH_CHECK(t->is_contiguous() && t->numel() == n, "hires_C (cuda): ", name, " must be a contiguous [", n, "]");
-  TORCH_CHECK(t->device() == x.device(), "hires_C (cuda): ", name, " is on ", t->device(), " but the activations on ",
-              x.device());
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// Rows per block of the row kernels: 64, halved (down to 16) while the grid has fewer
+// than 2 waves of 2 blocks per SM or the shared memory exceeds what 2 blocks per SM
+// leave each; then the largest that fits at all.
+struct RowLaunch {
+  int tm, smem;
+  int64_t tiles;
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_forward_cuda(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& mean_in,
-    const std::optional<at::Tensor>& var_in, int64_t stride, bool ceil_mode, bool training, double eps) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "hires_C (cuda): x must be a 4-D CUDA tensor");
-  TORCH_CHECK(stride >= 1, "hires_C (cuda): stride must be >= 1");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type_of(x.scalar_type());
-  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C_in && weight.scalar_type() == acc && weight.is_contiguous() &&
-                  weight.device() == x.device(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", x.device());
-  const int64_t C_out = weight.size(0);
-  check_param(shift, "shift", acc, C_in, x);
-  check_param(bn_weight, "bn_weight", acc, C_out, x);
-  check_param(bn_bias, "bn_bias", acc, C_out, x);
-  check_param(mean_in, "mean_in", acc, C_out, x);
-  check_param(var_in, "var_in", acc, C_out, x);
-  TORCH_CHECK(training || (mean_in.has_value() && var_in.has_value()),
-              "hires_C (cuda): mean_in and var_in are required in eval mode");
+RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size, int elt_size, int device) {
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  auto bytes = [&](int tm) { return RowSmem(tm, C_in, C_out, with_dy, acc_size, elt_size).total; };
+  int tm = 64;
+  while (tm > 16 && (cdiv(M, tm) < 4 * (int64_t)sms || bytes(tm) > smem_sm / 2 - 1024)) tm /= 2;
+  TORCH_CHECK(bytes(tm) <= smem_max, "projection (cuda): C_in=", C_in, ", C_out=", C_out,
+              " need ", bytes(tm), " bytes of shared memory per block; the device has ", smem_max);
+  return {tm, bytes(tm), cdiv(M, tm)};
+}
+
+template <typename scalar_t, typename acc_t, int EPI>
+void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStream_t stream) {
+  TORCH_CHECK(l.tiles <= INT32_MAX, "projection (cuda): problem too large for the grid");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(rows_kernel<scalar_t, acc_t, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      l.smem));
+  rows_kernel<scalar_t, acc_t, EPI><<<(unsigned)l.tiles, NT, l.smem, stream>>>(k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The fields of the row kernels' arguments that forward and backward set alike.
+template <typename scalar_t, typename acc_t>
+RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t* shift, const at::Tensor& weight,
+                                  int64_t Ho, int64_t Wo, const at::Tensor& act, const RowLaunch& l, double eps,
+                                  bool training) {
+  RowArgs<scalar_t, acc_t> k{};
+  k.src = act_view<const scalar_t>(src);
+  k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
+  k.src_cfast = src.stride(1) == 1 && src.size(1) > 1;
+  k.shift = shift;
+  k.weight = weight.data_ptr<acc_t>();
+  k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
+  k.M = src.size(0) * Ho * Wo;
+  k.eps = static_cast<acc_t>(eps);
+  k.training = training;
+  k.act_cfast = act.stride(1) == 1 && act.size(1) > 1;
+  return k;
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
+                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                              const std::optional<at::Tensor>& running_mean_,
+                              const std::optional<at::Tensor>& running_var_,
+                              const std::optional<at::Tensor>& residual, int64_t stride, bool ceil_mode,
+                              bool training, double momentum, double eps) {
+  const at::Tensor& running_mean = hires::value_or_undefined(running_mean_);
+  const at::Tensor& running_var = hires::value_or_undefined(running_var_);
+  hires::check_forward(x_, weight_, hires::value_or_undefined(bn_weight), hires::value_or_undefined(bn_bias),
+                       running_mean, running_var, hires::value_or_undefined(residual), stride, ceil_mode, training,
+                       eps);
+  TORCH_CHECK(x_.is_cuda(), "projection (cuda): x must be a CUDA tensor");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto no_autocast = hires::no_autocast();
+  const c10::cuda::CUDAGuard device_guard(x_.device());
+  const hires::Prepared a = hires::prepare_forward(x_, weight_, hires::value_or_undefined(bn_weight),
+                                                   hires::value_or_undefined(bn_bias),
+                                                   hires::value_or_undefined(residual));
+  const at::Tensor& x = a.x;
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = a.weight.size(0);
   const int64_t Ho = pooled_size(H, stride, ceil_mode), Wo = pooled_size(W, stride, ceil_mode);
   const int64_t M = N * Ho * Wo;
-  TORCH_CHECK(M > 0, "hires_C (cuda): empty pooled output");
-  const auto fmt = memory_format_of(x);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    res = *residual;
-    TORCH_CHECK(res.scalar_type() == x.scalar_type() && res.dim() == 4 && res.size(0) == N &&
-                    res.size(1) == C_out && res.size(2) == Ho && res.size(3) == Wo && res.device() == x.device(),
-                "hires_C (cuda): residual must be [N, C_out, H', W'] like x");
-  }
+  const auto aopt = a.weight.options();
 
-  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
-  at::Tensor pooled = stride > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : x.new_empty({0});
+  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(a.format));
+  at::Tensor pooled = stride > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(a.format)) : x.new_empty({0});
   // The backward recomputes y from the pooled input: no conv output is kept.
-  const at::Tensor no_y = weight.new_empty({0});
-  at::Tensor mean, var;
-  if (training) {
-    mean = at::empty({C_out}, weight.options());
-    var = at::empty({C_out}, weight.options());
-  } else {
-    mean = mean_in->clone();
-    var = var_in->clone();
+  const at::Tensor no_y = a.weight.new_empty({0});
+  at::Tensor shift = at::empty({C_in}, aopt), mean = at::empty({C_out}, aopt), var = at::empty({C_out}, aopt);
+  // The kernels update running statistics of the accumulation dtype in place; others
+  // (another dtype, a strided view) go through ATen after the kernels.
+  const bool stats_in_kernel = training && running_mean.defined() && running_mean.is_contiguous() &&
+                               running_var.is_contiguous() && running_mean.scalar_type() == a.acc &&
+                               running_var.scalar_type() == a.acc;
+  at::Tensor eval_mean, eval_var;
+  if (!training) {
+    eval_mean = running_mean.detach().to(a.acc).contiguous();
+    eval_var = running_var.detach().to(a.acc).contiguous();
   }
-  if (C_out == 0) return {out, pooled, no_y, mean, var};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  const auto cstream = c10::cuda::getCurrentCUDAStream();
-  const cudaStream_t stream = cstream.stream();
-  const int64_t tiles_m = cdiv(M, T), tiles_co = cdiv(C_out, T);
-  TORCH_CHECK(tiles_m <= INT32_MAX && tiles_co <= 65535, "hires_C (cuda): problem too large for the grid");
-  const dim3 grid((unsigned)tiles_m, (unsigned)tiles_co);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hires_projection_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "projection_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    YTileArgs<scalar_t, acc_t> a{};
-    a.p = pooled_view<scalar_t, acc_t>(x, (int)Ho, (int)Wo, (int)stride, shift.data_ptr<acc_t>());
-    if (stride > 1) {
-      a.p.dst = pooled.data_ptr<scalar_t>();
-      a.p.dn = pooled.stride(0); a.p.dc = pooled.stride(1); a.p.dh = pooled.stride(2); a.p.dw = pooled.stride(3);
-    }
-    a.p_cfast = x.stride(1) == 1 && C_in > 1;
-    a.weight = weight.data_ptr<acc_t>();
-    a.C_in = (int)C_in; a.C_out = (int)C_out; a.Ho = (int)Ho; a.Wo = (int)Wo; a.M = M;
-    a.gamma = opt_ptr<acc_t>(bn_weight);
-    a.beta = opt_ptr<acc_t>(bn_bias);
-    a.eps = static_cast<acc_t>(eps);
-    a.training = training;
-    a.out = act_view<scalar_t, acc_t>(out);
-    a.residual = act_view<scalar_t, acc_t>(res);
-    a.act_cfast = out.stride(1) == 1 && C_out > 1;
+    acc_t* shift_ptr = shift.data_ptr<acc_t>();
+    shift_kernel<scalar_t, acc_t><<<(unsigned)cdiv(C_in, FIN_THREADS), FIN_THREADS, 0, stream>>>(
+        act_view<const scalar_t>(x), (int)C_in, (int)H, (int)W, (int)stride, shift_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const RowLaunch l = row_launch(M, (int)C_in, (int)C_out, false, sizeof(acc_t), sizeof(scalar_t), x.get_device());
+    // The first pass over x pools it (and stores `pooled`); training's second pass reads
+    // `pooled` (x itself at stride 1).
+    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
+                                                           training);
+    k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
+    k.gamma = ptr_or_null<acc_t>(a.bn_weight);
+    k.beta = ptr_or_null<acc_t>(a.bn_bias);
+    k.out = act_view<scalar_t>(out);
+    k.residual = act_view<const scalar_t>(a.residual);
 
     if (training) {
-      at::Tensor part = at::empty({2, tiles_m, C_out}, weight.options());
-      a.part0 = part[0].data_ptr<acc_t>();
-      a.part1 = part[1].data_ptr<acc_t>();
-      a.write_pooled = stride > 1;
-      y_tile_kernel<scalar_t, acc_t, FWD_STATS><<<grid, NT, 0, stream>>>(a);
+      at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
+      k.part0 = part[0].data_ptr<acc_t>();
+      k.part1 = part[1].data_ptr<acc_t>();
+      launch_rows<scalar_t, acc_t, FWD_STATS>(k, l, stream);
+      fwd_finalize_kernel<acc_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0, stream>>>(
+          k.part0, k.part1, l.tiles, l.tm, M, (int)C_out, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), k.weight,
+          shift_ptr, (int)C_in, stats_in_kernel ? running_mean.data_ptr<acc_t>() : nullptr,
+          stats_in_kernel ? running_var.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(momentum));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      fwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
-          a.part0, a.part1, tiles_m, M, (int)C_out, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      a.write_pooled = false;
+      if (stride > 1) {
+        k.src = act_view<const scalar_t>(pooled);
+        k.s = 1; k.H = (int)Ho; k.W = (int)Wo;
+        k.shift = nullptr;
+        k.pooled = act_view<scalar_t>(at::Tensor());
+      }
+      k.mean = mean.data_ptr<acc_t>();
+      k.var = var.data_ptr<acc_t>();
     } else {
-      a.write_pooled = stride > 1;  // the single pass writes pooled
+      k.mean = eval_mean.data_ptr<acc_t>();
+      k.var = eval_var.data_ptr<acc_t>();
+      k.eval_shift = shift_ptr;
+      k.mean_out = mean.data_ptr<acc_t>();
+      k.var_out = var.data_ptr<acc_t>();
     }
-    a.mean = mean.data_ptr<acc_t>();
-    a.var = var.data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, FWD_APPLY><<<grid, NT, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows<scalar_t, acc_t, FWD_APPLY>(k, l, stream);
   });
-  return {out, pooled, no_y, mean, var};
+  if (training && running_mean.defined() && !stats_in_kernel) {
+    hires::update_running_stat(running_mean, mean + at::mv(a.weight, shift), momentum);
+    hires::update_running_stat(running_var, var * (static_cast<double>(M) / static_cast<double>(M - 1)), momentum);
+  }
+  return {out, pooled, no_y, shift, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& saved, const std::optional<at::Tensor>& /*y: not kept*/,
-    const std::optional<at::Tensor>& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.dim() == 4, "hires_C (cuda): grad_out must be a 4-D CUDA tensor");
-  TORCH_CHECK(stride >= 1, "hires_C (cuda): stride must be >= 1");
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const auto acc = acc_type_of(grad_out.scalar_type());
+BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y,
+                                        const at::Tensor& shift, const at::Tensor& weight_,
+                                        const std::optional<at::Tensor>& bn_weight_, const at::Tensor& mean,
+                                        const at::Tensor& var, int64_t stride, bool ceil_mode, int64_t in_h,
+                                        int64_t in_w, bool training, double eps) {
+  const at::Tensor& bn_weight = hires::value_or_undefined(bn_weight_);
+  hires::check_backward(grad_out_, saved_, y, shift, weight_, bn_weight, mean, var, stride, ceil_mode, in_h, in_w,
+                        training);
+  TORCH_CHECK(grad_out_.is_cuda(), "projection_backward (cuda): grad_out must be a CUDA tensor");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto no_autocast = hires::no_autocast();
+  const c10::cuda::CUDAGuard device_guard(grad_out_.device());
+  const auto fmt = hires::saved_memory_format(saved_);
+  const auto acc = hires::accumulation_dtype(grad_out_.scalar_type());
+  const at::Tensor grad_out = grad_out_.detach().contiguous(fmt), saved = saved_.detach().contiguous(fmt);
+  const at::Tensor weight = weight_.detach().reshape({weight_.size(0), weight_.size(1)}).to(acc).contiguous();
+  const at::Tensor gamma = bn_weight.defined() ? bn_weight.detach().to(acc).contiguous() : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous(), shift_c = shift.contiguous();
   const int64_t N = grad_out.size(0), C_out = grad_out.size(1), Ho = grad_out.size(2), Wo = grad_out.size(3);
-  TORCH_CHECK(Ho == pooled_size(in_h, stride, ceil_mode) && Wo == pooled_size(in_w, stride, ceil_mode),
-              "hires_C (cuda): grad_out's spatial size does not match in_h, in_w, stride, ceil_mode");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C_out && weight.scalar_type() == acc && weight.is_contiguous() &&
-                  weight.device() == grad_out.device(),
-              "hires_C (cuda): weight must be a contiguous [C_out, C_in] ", acc, " tensor on ", grad_out.device());
   const int64_t C_in = weight.size(1);
-  TORCH_CHECK(saved.dim() == 4 && saved.size(0) == N && saved.size(1) == C_in && saved.size(2) == Ho &&
-                  saved.size(3) == Wo && saved.scalar_type() == grad_out.scalar_type() &&
-                  saved.device() == grad_out.device(),
-              "hires_C (cuda): saved must be [N, C_in, H', W'] like grad_out");
-  check_param(shift, "shift", acc, C_in, grad_out);
-  check_param(bn_weight, "bn_weight", acc, C_out, grad_out);
-  check_param(std::optional<at::Tensor>(mean), "mean", acc, C_out, grad_out);
-  check_param(std::optional<at::Tensor>(var), "var", acc, C_out, grad_out);
   const int64_t M = N * Ho * Wo;
-  TORCH_CHECK(M > 0, "hires_C (cuda): empty grad_out");
-  const auto fmt = memory_format_of(grad_out);
+  const auto aopt = weight.options();
 
   at::Tensor grad_x = at::empty({N, C_in, in_h, in_w}, grad_out.options().memory_format(fmt));
-  at::Tensor dweight = at::empty({C_out, C_in}, weight.options());
-  at::Tensor dgamma = at::empty({C_out}, weight.options());
-  at::Tensor dbeta = at::empty({C_out}, weight.options());
-  if (C_out == 0) {
-    grad_x.zero_();
-    dweight.zero_();
-    return {grad_x, dweight, dgamma, dbeta};
-  }
+  at::Tensor dweight = at::empty({C_out, C_in}, aopt);
+  at::Tensor dgamma = at::empty({C_out}, aopt);
+  at::Tensor dbeta = at::empty({C_out}, aopt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int device = grad_out.get_device();
 
-  const auto cstream = c10::cuda::getCurrentCUDAStream();
-  const cudaStream_t stream = cstream.stream();
-  const int64_t tiles_m = cdiv(M, T), tiles_co = cdiv(C_out, T), tiles_ci = cdiv(C_in, T);
-  TORCH_CHECK(tiles_m <= INT32_MAX && tiles_co <= 65535 && tiles_ci <= 65535,
-              "hires_C (cuda): problem too large for the grid");
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
 
-  // dW split-K: enough blocks to fill the GPU, at least 256 positions per split.
-  int device_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, grad_out.get_device()));
-  const int64_t want = std::max<int64_t>(1, cdiv(2 * (int64_t)device_sms, tiles_co * std::max<int64_t>(tiles_ci, 1)));
-  const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
-  const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), BK) * BK;
-  const int64_t splits = cdiv(M, chunk);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "hires_projection_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "projection_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    YTileArgs<scalar_t, acc_t> a{};
-    a.p = pooled_view<scalar_t, acc_t>(saved, (int)Ho, (int)Wo, 1, opt_ptr<acc_t>(shift));
-    a.p_cfast = saved.stride(1) == 1 && C_in > 1;
-    a.weight = weight.data_ptr<acc_t>();
-    a.C_in = (int)C_in; a.C_out = (int)C_out; a.Ho = (int)Ho; a.Wo = (int)Wo; a.M = M;
-    a.write_pooled = false;
-    a.mean = mean.data_ptr<acc_t>();
-    a.var = var.data_ptr<acc_t>();
-    a.gamma = opt_ptr<acc_t>(bn_weight);
-    a.eps = static_cast<acc_t>(eps);
-    a.training = training;
-    a.grad = act_view<scalar_t, acc_t>(grad_out);
-    a.act_cfast = grad_out.stride(1) == 1 && C_out > 1;
-    const dim3 grid((unsigned)tiles_m, (unsigned)tiles_co);
+    // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
+    const acc_t* sub = stride == 1 ? shift_c.data_ptr<acc_t>() : nullptr;
+    const RowLaunch l = row_launch(M, (int)C_in, (int)C_out, true, sizeof(acc_t), sizeof(scalar_t), device);
+    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(saved, 1, sub, weight, Ho, Wo, grad_out, l, eps,
+                                                           training);
+    k.mean = mean_c.data_ptr<acc_t>();
+    k.var = var_c.data_ptr<acc_t>();
+    k.gamma = ptr_or_null<acc_t>(gamma);
+    k.grad = act_view<const scalar_t>(grad_out);
 
     // B1 + B2: dbeta = sum g, dgamma = sum g * yhat.
-    at::Tensor part = at::empty({2, tiles_m, C_out}, weight.options());
-    a.part0 = part[0].data_ptr<acc_t>();
-    a.part1 = part[1].data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, BWD_STATS><<<grid, NT, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_finalize_kernel<acc_t><<<(unsigned)C_out, FIN_THREADS, 0, stream>>>(
-        a.part0, a.part1, tiles_m, (int)C_out, dbeta.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    // B3: dy [M][C_out] in acc_t.
-    at::Tensor dy = at::empty({M, C_out}, weight.options());
-    a.dbeta = dbeta.data_ptr<acc_t>();
-    a.dgamma = dgamma.data_ptr<acc_t>();
-    a.dy = dy.data_ptr<acc_t>();
-    y_tile_kernel<scalar_t, acc_t, BWD_DY><<<grid, NT, 0, stream>>>(a);
+    at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
+    k.part0 = part[0].data_ptr<acc_t>();
+    k.part1 = part[1].data_ptr<acc_t>();
+    launch_rows<scalar_t, acc_t, BWD_STATS>(k, l, stream);
+    bwd_finalize_kernel<acc_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0, stream>>>(
+        k.part0, k.part1, l.tiles, (int)C_out, dbeta.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    if (C_in > 0) {
-      // B4: dp = dy W scattered to grad_x.
-      dp_scatter_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_m, (unsigned)tiles_ci), NT, 0, stream>>>(
-          a.dy, a.weight, (int)C_in, (int)C_out, M, (int)Ho, (int)Wo, (int)in_h, (int)in_w, (int)stride,
-          act_view<scalar_t, acc_t>(grad_x), grad_x.stride(1) == 1 && C_in > 1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // B3: dy (kept in scalar_t for dW) and grad_x.
+    at::Tensor dy = at::empty({M, C_out}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
+    k.dbeta = dbeta.data_ptr<acc_t>();
+    k.dgamma = dgamma.data_ptr<acc_t>();
+    k.dy = dy.data_ptr<scalar_t>();
+    k.grad_x = act_view<scalar_t>(grad_x);
+    k.stride = (int)stride;
+    k.in_h = (int)in_h; k.in_w = (int)in_w;
+    launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
 
-      // B5 + B6: dW = dy^T p, split over m, fixed-order reduction.
-      at::Tensor ws = at::empty({splits, C_out, C_in}, weight.options());
-      dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
-          a.dy, a.p, /*p_kfast=*/saved.stride(1) != 1 || C_in == 1, (int)C_in, (int)C_out, M, chunk,
-          ws.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t numel = C_out * C_in;
-      dw_reduce_kernel<acc_t><<<(unsigned)cdiv(numel, 256), 256, 0, stream>>>(
-          ws.data_ptr<acc_t>(), splits, numel, dweight.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    // B4 + B5: dW = dy^T p, split over m (2 waves of tiles, at least 256 positions per
+    // split), fixed-order reduction (+ eval's shift term).
+    const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
+    TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
+    const int64_t want = cdiv(4 * (int64_t)sms, tiles_co * tiles_ci);
+    const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
+    const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
+    const int64_t splits = cdiv(M, chunk);
+    at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
+    dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
+        k.dy, k.src, sub, k.src_cfast, (int)C_in, (int)C_out, (int)Ho, (int)Wo, M, chunk, ws.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
+        ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
+        training ? nullptr : shift_c.data_ptr<acc_t>(), k.var, k.gamma, k.dbeta, k.eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, dweight, dgamma, dbeta};
+  return {grad_x, dweight.view(weight_.sizes()), dgamma, dbeta};
 }
 
 }  // namespace hires_cuda
 
-TORCH_LIBRARY_IMPL(hires_C, CUDA, m) {
-  m.impl("projection_forward", &hires_cuda::projection_forward_cuda);
+TORCH_LIBRARY_IMPL(hires, CUDA, m) {
+  m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
 }

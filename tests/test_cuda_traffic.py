@@ -1,0 +1,172 @@
+"""Global-memory traffic and launch shapes of the CUDA kernels, from the CPU emulation.
+
+Traffic. Every global load and store of the kernels goes through four helpers (load_act,
+store_act, load_param, store_param in csrc/cuda/projection_cuda.cu); the emulation
+(tests/cuda_emulation.h) adds up the bytes each launch requests. Re-reads count each time
+(on a GPU they may hit L2): the question is how often each pass sweeps its tensors.
+"act" bytes grow with the batch: activations, dy, per-tile partials; "param" bytes are the
+weight and per-channel vectors, re-read by every block from L2, reported apart; "fixed"
+bytes do not grow with the batch (the dW split-K workspace).
+
+Each SPEC §4 shape runs at H' = 4 (H = 4 s) and N = 1 and 2, in bf16, channels_last, with a
+residual, as the benchmarks run: the difference is the traffic per sample. At a given rows
+per block every term per sample is proportional to H' W', so the ratio to the floor per
+sample (SPEC §4: forward reads x and residual and writes out, backward reads grad_out and x
+and writes grad_x) is that of the full-size shape. The small grids use 16 rows per block,
+the most partials per sample of any choice: an upper bound for the full-size runs.
+
+Grids. A dry run (launches recorded, not run) of every SPEC shape at full size gives each
+launch's grid as the launch heuristics pick it for a 132-SM GPU.
+
+`python tests/test_cuda_traffic.py` prints the tables of bench/results/cuda_traffic.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_cuda_emulated import Problem, build_emulated_ops, emulated_ops  # noqa: E402,F401
+
+# (C_in, H, C_out, H', N): SPEC §4.
+SPEC_SHAPES = [(64, 32, 128, 16, 256), (64, 32, 256, 8, 256), (64, 32, 512, 4, 256), (128, 16, 256, 8, 256),
+               (128, 16, 512, 4, 256), (256, 8, 512, 4, 256), (256, 56, 512, 28, 64)]
+IDS = [f"{a}@{b}->{c}@{d}" for a, b, c, d, _ in SPEC_SHAPES]
+ELT = 2  # bf16
+SMS = 132
+TARGET = {True: 1.5, False: 1.2}
+
+
+def launches(ops) -> list[dict]:
+    """The launches since the last call: kernel, blocks, threads, smem and bytes."""
+    rows = []
+    for line in ops.traffic().splitlines():
+        name, blocks, threads, smem, *b = line.split()
+        rows.append(dict(name=name, blocks=int(blocks), threads=int(threads), smem=int(smem),
+                         act=int(b[0]) + int(b[1]), param=int(b[2]) + int(b[3])))
+    return rows
+
+
+def run(ops, c_in, h, c_out, ho, n, training):
+    """(forward launches, backward launches) of one call each, training or eval."""
+    s = h // ho
+    problem = Problem(n, c_in, c_out, h, h, s, training=training, how="channels_last", dtype=torch.bfloat16, seed=5)
+    launches(ops)
+    rm, rv = (t.clone() for t in problem.running)
+    out, saved, y, shift, mean, var = ops.projection(
+        problem.x, problem.weight, problem.gamma, problem.beta, rm, rv, problem.residual, s, False, training,
+        0.1, 1e-5)
+    fwd = launches(ops)
+    ops.projection_backward(problem.grad_out, problem.x if s == 1 else saved, y, shift, problem.weight,
+                            problem.gamma, mean, var, s, False, h, h, training, 1e-5)
+    return fwd, launches(ops)
+
+
+def floor_per_sample(c_in, h, c_out, ho, training):
+    x, out = c_in * h * h * ELT, c_out * ho * ho * ELT
+    return 3 * x + 3 * out if training else x + 2 * out
+
+
+def per_sample(ops, shape, training):
+    """(act bytes per sample, fixed act bytes, param bytes per sample, floor per sample) at H' = 4,
+    for a training fwd+bwd or an eval forward."""
+    c_in, h, c_out, ho, _ = shape
+    small = (c_in, 4 * (h // ho), c_out, 4)
+
+    def total(n, key):
+        fwd, bwd = run(ops, *small, n, training)
+        return sum(r[key] for r in fwd + (bwd if training else []))
+
+    a1, a2 = total(1, "act"), total(2, "act")
+    p1, p2 = total(1, "param"), total(2, "param")
+    return a2 - a1, 2 * a1 - a2, p2 - p1, floor_per_sample(*small, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train_fwd_bwd", "eval_fwd"])
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+def test_traffic_per_sample_within_target_of_floor(emulated_ops, shape, training):
+    slope, _, _, floor = per_sample(emulated_ops, shape, training)
+    ratio = slope / floor
+    print(f"{shape} {'train' if training else 'eval'}: {slope} B/sample, floor {floor}, {ratio:.3f}x")
+    c_in, h, c_out, ho, _ = shape
+    x, out = c_in * 16 * (h // ho) ** 2 * ELT, c_out * 16 * ELT
+    # What no design avoids: x, residual and out in forward; grad_out and grad_x in backward
+    # (the SPEC floor also counts x read again in backward, where these kernels read the
+    # smaller pooled input instead).
+    assert slope >= x + 2 * out + (out + x if training else 0), "a tensor is not counted"
+    if ratio > TARGET[training]:
+        pytest.xfail(f"{ratio:.2f}x the floor per sample (target {TARGET[training]}x)")
+
+
+def full_size_launches(ops, shape):
+    """Dry run of a training fwd+bwd at full size: the launches, not run (so the inputs'
+    values do not matter)."""
+    c_in, h, c_out, ho, n = shape
+    s = h // ho
+    cl = torch.channels_last
+    x = torch.zeros(n, c_in, h, h, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    residual = torch.zeros(n, c_out, ho, ho, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    weight, gamma, beta, rm, rv = torch.ones(c_out, c_in), *(torch.ones(c_out) for _ in range(4))
+    ops.set_dry_run(True)
+    try:
+        launches(ops)
+        _, saved, y, shift, mean, var = ops.projection(x, weight, gamma, beta, rm, rv, residual, s, False, True,
+                                                       0.1, 1e-5)
+        ops.projection_backward(residual, saved, y, shift, weight, gamma, mean, var, s, False, h, h, True, 1e-5)
+        return launches(ops)
+    finally:
+        ops.set_dry_run(False)
+
+
+def waves(launch) -> float:
+    """Grid over one wave: 132 SMs x 2 blocks for the 256-thread tile kernels (their
+    __launch_bounds__ minimum, which test_cuda_compile.py's register check holds)."""
+    return launch["blocks"] / (SMS * 2)
+
+
+TILE_KERNELS = ("rows_kernel", "dw_partial_kernel")
+
+
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+def test_tile_kernel_grids_fill_two_waves(emulated_ops, shape):
+    tiles = [r for r in full_size_launches(emulated_ops, shape) if r["name"] in TILE_KERNELS]
+    assert len(tiles) == 5
+    assert all(r["smem"] <= 227 * 1024 // 2 - 1024 for r in tiles), "shared memory leaves room for 2 blocks per SM"
+    short = [f"{r['name']} {r['blocks']} blocks = {waves(r):.2f} waves" for r in tiles if waves(r) < 2]
+    if short:
+        pytest.xfail("; ".join(short))
+
+
+def tables(ops) -> str:
+    out = ["| C_in@H -> C_out@H' | train fwd+bwd B/sample | floor | ratio | eval fwd B/sample | floor | ratio "
+           "| param B/sample (train) | fixed B (train, N=1) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for shape, name in zip(SPEC_SHAPES, IDS):
+        t_slope, t_fixed, t_par, t_floor = per_sample(ops, shape, True)
+        e_slope, _, _, e_floor = per_sample(ops, shape, False)
+        out.append(f"| {name} | {t_slope:,} | {t_floor:,} | {t_slope / t_floor:.2f}x | {e_slope:,} | {e_floor:,} | "
+                   f"{e_slope / e_floor:.2f}x | {t_par:,} | {t_fixed:,} |")
+    out += ["", "| C_in@H -> C_out@H' (N) | tile launches: blocks (waves of 264), dynamic shared memory "
+            "| dW workspace written + read | as a share of the floor |", "|---|---|---|---|"]
+    for shape, name in zip(SPEC_SHAPES, IDS):
+        c_in, h, c_out, ho, n = shape
+        rows = full_size_launches(ops, shape)
+        cells = "; ".join(f"{r['name']} {r['blocks']} ({waves(r):.2f}), {r['smem']} B" for r in rows
+                          if r["name"] in TILE_KERNELS)
+        dw = next(r for r in rows if r["name"] == "dw_partial_kernel")
+        splits = dw["blocks"] // (-(-c_out // 128) * -(-c_in // 64))  # bf16 dW tiles: 128 x 64
+        workspace = 2 * splits * c_out * c_in * 4
+        floor = n * floor_per_sample(c_in, h, c_out, ho, True)
+        out.append(f"| {name} ({n}) | {cells} | {workspace:,} B ({splits} splits) | {workspace / floor:.2f}x |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    assert shutil.which("ninja"), "ninja is needed to build the emulated CUDA kernels"
+    print(tables(build_emulated_ops(os.path.join(tempfile.mkdtemp(), "cuda_emulated"))))
