@@ -132,8 +132,10 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor
 };
+inline int emu_sm_count = 132;  // set_sm_count: small grids then take the large-problem launch choices
 inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
+  *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
   return 0;
 }
 constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
@@ -208,10 +210,12 @@ inline std::string emu_traffic() {
 }
 
 inline void emu_set_dry_run(bool on) { emu_dry_run = on; }
+inline void emu_set_sm_count(int64_t sms) { emu_sm_count = static_cast<int>(sms); }
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
   m.def("set_dry_run", &emu_set_dry_run);
+  m.def("set_sm_count", &emu_set_sm_count);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -249,6 +249,24 @@ def test_emulated_cuda_low_precision(emulated_ops, dtype, how, training):
     check(problem, emulated_ops, dtype, _within_eager(dtype))
 
 
+# With one SM the row kernels take 64 (M >= 256) or 32 rows (M >= 128) a block, as full-size
+# problems do on a GPU; the cases above run 16-row blocks. C_out = 130 spans two of the bf16
+# dW kernel's 128-row tiles.
+ONE_SM_CASES = [((3, 5, 4, 10, 10, 1), torch.float64, True), ((2, 9, 70, 12, 12, 1), torch.float64, False),
+                ((2, 6, 130, 18, 18, 2), torch.bfloat16, True), ((2, 6, 130, 18, 18, 2), torch.float32, False)]
+
+
+@pytest.mark.parametrize("shape,dtype,training", ONE_SM_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-{'train' if c[2] else 'eval'}" for c in ONE_SM_CASES])
+def test_emulated_cuda_large_row_tiles(emulated_ops, shape, dtype, training):
+    emulated_ops.set_sm_count(1)
+    try:
+        problem = Problem(*shape, training=training, how="channels_last" if training else "nchw", dtype=dtype, seed=4)
+        check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    finally:
+        emulated_ops.set_sm_count(132)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_emulated_cuda_large_mean(emulated_ops, dtype, stride):

@@ -48,8 +48,14 @@
 // Deterministic: no floating-point atomics anywhere. Every global access goes through
 // load_act / store_act / load_param / store_param, which the emulation counts.
 //
+// Each row block also reads the whole weight per GEMM pass (C_out C_in 4 bytes, from L2).
+// The row kernels' shared memory grows with tm (C_in + C_out) e: a block of 16 rows takes up
+// to about 6500 channels (C_in + C_out) in bf16, 3300 in fp32, 1400 in fp64; beyond that
+// row_launch refuses the call.
+//
 // Not done yet: 16-byte vector / cp.async loads (the loads are element-wise, coalesced);
-// wgmma; dW without the dy round trip and the re-reads of B4.
+// wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
+// M / 16 < 528 (the H' = 4 shapes at N = 256).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
