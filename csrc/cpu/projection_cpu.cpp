@@ -83,7 +83,7 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int
     at::cpu::mm_out(c, a, b);
   else
     at::cpu::addmm_out(c, c, a, b);
-  TORCH_CHECK(c.const_data_ptr() == C, "hires_C (cpu): internal error, GEMM output moved");
+  TORCH_CHECK(c.const_data_ptr() == C, "hires (cpu): internal error, GEMM output moved");
 }
 
 // Tile buffers of the calling thread, kept from one call to the next. Buffers allocated and
@@ -108,7 +108,7 @@ T* thread_scratch(Scratch slot, int64_t n) {
     std::free(b.p);
     b.bytes = 0;
     b.p = std::aligned_alloc(64, need);
-    TORCH_CHECK(b.p != nullptr, "hires_C (cpu): cannot allocate a ", need, "-byte tile buffer");
+    TORCH_CHECK(b.p != nullptr, "hires (cpu): cannot allocate a ", need, "-byte tile buffer");
     b.bytes = need;
   }
   return static_cast<T*>(b.p);
