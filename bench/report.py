@@ -172,6 +172,38 @@ def op_section(benches):
     return "\n".join(out)
 
 
+def cpu_floor_section(benches):
+    """The cpu backend against its CPU floor: the op's GEMMs timed with torch.mm at the
+    same sizes plus SPEC's bytes at the measured copy bandwidth (bench/test_bench_projection.py)."""
+    rows = [b for b in benches if b.get("level") == "op" and "cpu_floor_ms" in b]
+    if not rows:
+        return "No CPU floor results in these files.\n"
+    body = [[b["shape"], MODE_LABEL.get(b["mode"], b["mode"]), ms_fmt(b["ms"]), ms_fmt(b["gemm_ms"]),
+             ms_fmt(b["floor_ms"]), ms_fmt(b["cpu_floor_ms"]), fmt(b["x_cpu_floor"], ".2f") + "x",
+             fmt(b.get("speedup"), ".2f") + "x"]
+            for b in sorted(rows, key=lambda b: (shape_key(b["shape"]), MODE_ORDER.get(b["mode"], 9)))]
+    return table(["shape", "mode", "cpu ms", "GEMMs ms", "bytes ms", "floor ms", "x floor", "vs eager"], body) + "\n"
+
+
+def host_section(benches):
+    """Host cost on tiny CPU tensors, one thread (bench/test_bench_host.py)."""
+    ops = [b for b in benches if b.get("level") == "host"]
+    steps = [b for b in benches if b.get("level") == "host-step"]
+    if not ops and not steps:
+        return "No host-cost results in these files.\n"
+    out = []
+    if ops:
+        body = [[b["case"], MODE_LABEL.get(b["mode"], b["mode"]), b["provider"], f"{b['us']:.1f}",
+                 fmt(b.get("x_eager"), ".2f") + "x"]
+                for b in sorted(ops, key=lambda b: (MODE_ORDER.get(b["mode"], 9), b["provider"] != "eager"))]
+        out.append(table(["case", "mode", "provider", "us per call (median)", "vs eager"], body) + "\n")
+    if steps:
+        body = [[b["model"], b["input"], f"{b['ms']:.2f}", fmt(b.get("ratio_to_resnet18"), ".3f") + "x"]
+                for b in steps]
+        out.append(table(["model (planes 4/8/16/32, stem 4)", "input", "ms/step", "vs ResNet-18"], body) + "\n")
+    return "\n".join(out)
+
+
 def model_section(benches):
     models = [b for b in benches if b.get("level") == "model"]
     if not models:
@@ -343,8 +375,11 @@ def render(benches, runs, section, png_rel):
               "`% of floor` = memory-floor time / measured time (the floor moves SPEC §4's bytes at the copy "
               "bandwidth measured in the same run); `x floor` is its inverse. `saved for bwd` counts the distinct "
               "storages autograd keeps for backward (in parentheses: those that are not inputs or parameters).\n",
-              op_section(benches),
-              "### Model level (train step)\n", model,
+              op_section(benches)]
+    if section == "cpu":
+        parts += ["### Against the CPU floor (cpu backend)\n", cpu_floor_section(benches),
+                  "### Host cost (tiny tensors, one thread)\n", host_section(benches)]
+    parts += ["### Model level (train step)\n", model,
               "### timm ResNet-D (train step, before/after `hires_kernels.fuse`)\n", timm_section(benches)]
     return "\n".join(parts)
 
