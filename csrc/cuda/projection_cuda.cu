@@ -55,7 +55,10 @@
 //
 // Not done yet: 16-byte vector / cp.async loads (the loads are element-wise, coalesced);
 // wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
-// M / 16 < 528 (the H' = 4 shapes at N = 256).
+// M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
+// (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
+// block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
+// "Why dW is not fused into B3 yet").
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
