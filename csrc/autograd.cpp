@@ -125,8 +125,8 @@ ForwardResult projection_autograd(const at::Tensor& x, const at::Tensor& weight,
   auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || weight.requires_grad() || requires_grad(bn_weight) ||
                                        requires_grad(bn_bias) || requires_grad(residual))) {
-    // Nothing to record: skip the Function (and its refusal of torch.func transforms,
-    // whose Python autograd.Function in projection.py calls this op on detached inputs).
+    // Nothing to record: skip the Function, and with it its refusal of torch.func
+    // transforms (projection.py's _CompiledUnderTransforms calls this op without grad).
     at::AutoDispatchBelowADInplaceOrView guard;
     auto r = call_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode,
                           training, momentum, eps);

@@ -110,8 +110,6 @@ def get(name: str) -> ModuleType:
 
 
 def keeps_conv_output(name: str) -> bool:
-    """Whether backend ``name``'s training forward returns the conv output y for backward
-    to reuse (one GEMM fewer there, at the memory eager's conv output takes); the others
-    return an empty y and recompute it."""
-    return name in ("reference", "cpu")
+    """Whether backend ``name``'s training forward returns y (else an empty tensor)."""
+    return name in _KEEPS_CONV_OUTPUT
 
