@@ -5,7 +5,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "projection_args.h"
+#include "projections.h"
 
 namespace {
 
@@ -41,6 +44,11 @@ void bump_running_stats(const std::optional<at::Tensor>& running_mean, const std
     torch::autograd::impl::bump_version(*running_mean);
     torch::autograd::impl::bump_version(*running_var);
   }
+}
+
+[[noreturn]] void refuse_double_backward() {
+  TORCH_CHECK(false, "fused_projection: its backward cannot be differentiated (double backward, e.g. "
+                     "create_graph=True or nested torch.func.grad, is not supported)");
 }
 
 // Autograd sees one output, `out`: the tensors backward needs reach the caller through
@@ -105,10 +113,7 @@ class ProjectionBackwardFunction : public torch::autograd::Function<ProjectionBa
     return {grad_x, grad_w, grad_gamma, grad_beta};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "fused_projection: its backward cannot be differentiated (double backward, e.g. "
-                       "create_graph=True or nested torch.func.grad, is not supported)");
-  }
+  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
 };
 
 ForwardResult projection_autograd(const at::Tensor& x, const at::Tensor& weight,
@@ -154,9 +159,166 @@ BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at
   return {r[0], r[1], r[2], r[3]};
 }
 
+// --- every projection of one source (csrc/projections.h) ----------------------------
+
+using hires::ProjectionsBackwardResult;
+using hires::ProjectionsResult;
+
+ProjectionsResult call_projections(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                   at::TensorList bn_bias, at::TensorList running_mean, at::TensorList running_var,
+                                   at::IntArrayRef stride, bool ceil_mode, bool training, at::ArrayRef<double> momentum,
+                                   at::ArrayRef<double> eps) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("hires::projections", "").typed<decltype(call_projections)>();
+  return op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, momentum, eps);
+}
+
+ProjectionsBackwardResult call_projections_backward(at::TensorList grad_out, at::TensorList saved, at::TensorList y,
+                                                    at::TensorList shift, at::TensorList weight,
+                                                    at::TensorList bn_weight, at::TensorList mean, at::TensorList var,
+                                                    at::IntArrayRef stride, bool ceil_mode, int64_t in_h, int64_t in_w,
+                                                    bool training, at::ArrayRef<double> eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hires::projections_backward", "")
+                       .typed<decltype(call_projections_backward)>();
+  return op.call(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training,
+                 eps);
+}
+
+void bump_running_stats(at::TensorList running_mean, at::TensorList running_var, bool training) {
+  if (!training) return;
+  for (size_t t = 0; t < running_mean.size(); ++t) {
+    torch::autograd::impl::bump_version(running_mean[t]);
+    torch::autograd::impl::bump_version(running_var[t]);
+  }
+}
+
+// Gradients, in the order autograd::Function counts its arguments: x, then each list's
+// entries, then one (undefined) per non-tensor argument.
+variable_list projections_input_grads(const ProjectionsBackwardResult& r, size_t k) {
+  const auto& [grad_x, grad_w, grad_gamma, grad_beta] = r;
+  variable_list g(1 + 5 * k + 6);
+  g[0] = grad_x;
+  for (size_t t = 0; t < k; ++t) {
+    g[1 + t] = grad_w[t];
+    g[1 + k + t] = grad_gamma[t];
+    g[1 + 2 * k + t] = grad_beta[t];
+  }
+  return g;
+}
+
+class ProjectionsFunction : public torch::autograd::Function<ProjectionsFunction> {
+ public:
+  // Saved: x, then k each of saved, y, shift, weight, bn_weight, mean, var.
+  static constexpr size_t kSavedLists = 7;
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weight,
+                               at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList running_mean,
+                               at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode, bool training,
+                               at::ArrayRef<double> momentum, at::ArrayRef<double> eps, ProjectionsResult* rest) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    *rest = call_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
+                             momentum, eps);
+    bump_running_stats(running_mean, running_var, training);
+    const auto& [out, saved, y, shift, mean, var] = *rest;
+    const size_t k = weight.size();
+    variable_list keep;
+    keep.reserve(1 + kSavedLists * k);
+    keep.push_back(x);
+    for (const auto* list : {&saved, &y, &shift}) keep.insert(keep.end(), list->begin(), list->end());
+    keep.insert(keep.end(), weight.begin(), weight.end());
+    keep.insert(keep.end(), bn_weight.begin(), bn_weight.end());
+    keep.insert(keep.end(), mean.begin(), mean.end());
+    keep.insert(keep.end(), var.begin(), var.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["eps"] = eps.vec();
+    ctx->saved_data["meta"] = c10::List<int64_t>({ceil_mode, x.size(2), x.size(3), training});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto eps = ctx->saved_data["eps"].toDoubleVector();
+    const auto meta = ctx->saved_data["meta"].toIntList();
+    const size_t k = stride.size();
+    auto list = [&](size_t i) {
+      return std::vector<at::Tensor>(s.begin() + 1 + i * k, s.begin() + 1 + (i + 1) * k);
+    };
+    std::vector<at::Tensor> saved = list(0);
+    for (size_t t = 0; t < k; ++t) {
+      if (stride[t] == 1) saved[t] = s[0];
+    }
+    return projections_input_grads(call_projections_backward(grads, saved, list(1), list(2), list(3), list(4), list(5),
+                                                             list(6), stride, meta[0], meta[1], meta[2], meta[3], eps),
+                                   k);
+  }
+};
+
+class ProjectionsBackwardFunction : public torch::autograd::Function<ProjectionsBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, at::TensorList grad_out, at::TensorList saved, at::TensorList y,
+                               at::TensorList shift, at::TensorList weight, at::TensorList bn_weight,
+                               at::TensorList mean, at::TensorList var, at::IntArrayRef stride, bool ceil_mode,
+                               int64_t in_h, int64_t in_w, bool training, at::ArrayRef<double> eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_w, grad_gamma, grad_beta] = call_projections_backward(
+        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps);
+    variable_list r{grad_x};
+    for (const auto* l : {&grad_w, &grad_gamma, &grad_beta}) r.insert(r.end(), l->begin(), l->end());
+    return r;
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+};
+
+ProjectionsResult projections_autograd(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                       at::TensorList bn_bias, at::TensorList running_mean,
+                                       at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                       bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
+  hires::check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
+                           momentum, eps);
+  auto any_requires_grad = [](at::TensorList l) {
+    return std::any_of(l.begin(), l.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+  };
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || any_requires_grad(weight) ||
+                                       any_requires_grad(bn_weight) || any_requires_grad(bn_bias))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto r = call_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
+                              momentum, eps);
+    bump_running_stats(running_mean, running_var, training);
+    return r;
+  }
+  ProjectionsResult r;
+  std::get<0>(r) = ProjectionsFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                              ceil_mode, training, momentum, eps, &r);
+  return r;
+}
+
+ProjectionsBackwardResult projections_backward_autograd(at::TensorList grad_out, at::TensorList saved,
+                                                        at::TensorList y, at::TensorList shift, at::TensorList weight,
+                                                        at::TensorList bn_weight, at::TensorList mean,
+                                                        at::TensorList var, at::IntArrayRef stride, bool ceil_mode,
+                                                        int64_t in_h, int64_t in_w, bool training,
+                                                        at::ArrayRef<double> eps) {
+  if (!at::GradMode::is_enabled()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_projections_backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h,
+                                     in_w, training, eps);
+  }
+  const size_t k = grad_out.size();
+  auto r = ProjectionsBackwardFunction::apply(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
+                                              ceil_mode, in_h, in_w, training, eps);
+  auto slice = [&](size_t i) { return std::vector<at::Tensor>(r.begin() + 1 + i * k, r.begin() + 1 + (i + 1) * k); };
+  return {r[0], slice(0), slice(1), slice(2)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hires, Autograd, m) {
   m.impl("projection", &projection_autograd);
   m.impl("projection_backward", &projection_backward_autograd);
+  m.impl("projections", &projections_autograd);
+  m.impl("projections_backward", &projections_backward_autograd);
 }

@@ -17,6 +17,12 @@
 // hires::projection_backward turns grad_out into (grad_x, grad_weight in weight's shape,
 // grad_bn_weight, grad_bn_bias), with the eval-mode shift correction of grad_weight.
 // The math: hires_kernels/backends/reference.py.
+//
+// hires::projections runs every projection of one source x (csrc/projections.h): list
+// arguments hold one entry per target, x is read once, and each out_t = BN_t(W_t
+// avgpool_{s_t}(x)) has no residual (the targets' blocks add it when they run). saved_t is
+// the pooled input (empty where s_t = 1). hires::projections_backward takes every
+// target's grad_out (zeros where a target's output got none) and returns one grad_x.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(hires, m) {
@@ -28,6 +34,15 @@ TORCH_LIBRARY(hires, m) {
       "projection_backward(Tensor grad_out, Tensor saved, Tensor y, Tensor shift, Tensor weight, Tensor? bn_weight, "
       "Tensor mean, Tensor var, int stride, bool ceil_mode, int in_h, int in_w, bool training, float eps) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  m.def(
+      "projections(Tensor x, Tensor[] weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor(a!)[] running_mean, "
+      "Tensor(b!)[] running_var, int[] stride, bool ceil_mode, bool training, float[] momentum, float[] eps) "
+      "-> (Tensor[] out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] mean, Tensor[] var)");
+  m.def(
+      "projections_backward(Tensor[] grad_out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] weight, "
+      "Tensor[] bn_weight, Tensor[] mean, Tensor[] var, int[] stride, bool ceil_mode, int in_h, int in_w, "
+      "bool training, float[] eps) -> (Tensor grad_x, Tensor[] grad_weight, Tensor[] grad_bn_weight, "
+      "Tensor[] grad_bn_bias)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

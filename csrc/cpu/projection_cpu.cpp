@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../projection_args.h"
+#include "../projections.h"
 
 // Innermost loops run over contiguous channels or columns.
 #define HIRES_SIMD _Pragma("omp simd")
@@ -852,9 +853,274 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_c
   return result;
 }
 
+
+// ------------------------------------------------------------------------------------
+// Every projection of one source (csrc/projections.h): the pooling kernels.
+//
+// Both work on blocks of S input rows of one image, S the largest stride: the block holds
+// whole windows of every stride, so each pass reads (or writes) its part of x once. Sums
+// of a stride's windows are sums of the next finer stride's window sums (the strides
+// nest); an average divides by the elements its window covers, as avg_pool2d does without
+// padding. Buffers of a block are laid out like the activations: [C, T] for NCHW, [T, C]
+// for NHWC, T the block's positions of one stride.
+
+// The distinct strides > 1, ascending; their pooled sizes.
+struct Levels {
+  std::vector<int64_t> s, ho, wo;
+  Levels(at::IntArrayRef strides, int64_t H, int64_t W, bool ceil_mode) {
+    for (int64_t v : strides)
+      if (v > 1) s.push_back(v);
+    std::sort(s.begin(), s.end());
+    s.erase(std::unique(s.begin(), s.end()), s.end());
+    for (int64_t v : s) {
+      ho.push_back(pooled_size(H, v, ceil_mode));
+      wo.push_back(pooled_size(W, v, ceil_mode));
+    }
+  }
+  int64_t block() const { return s.empty() ? 1 : s.back(); }
+  // Level i's rows [row0, row0 + rows(i, R)) in block R.
+  int64_t row0(size_t i, int64_t R) const { return R * (block() / s[i]); }
+  int64_t rows(size_t i, int64_t R) const {
+    return std::max<int64_t>(0, std::min(ho[i], (R + 1) * (block() / s[i])) - row0(i, R));
+  }
+  size_t index(int64_t v) const { return std::lower_bound(s.begin(), s.end(), v) - s.begin(); }
+};
+
+// Elements a window of stride s starting at o * s covers along a side of length n.
+inline int64_t covered(int64_t o, int64_t s, int64_t n) { return std::min(s, n - o * s); }
+
+template <typename scalar_t, bool CL, typename acc_t = at::opmath_type<scalar_t>>
+void pool_levels(const at::Tensor& x, const Levels& lv, std::vector<at::Tensor>& out) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = lv.block();
+  const int64_t blocks = (H + S - 1) / S, L = lv.s.size();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  std::vector<scalar_t*> op(L);
+  for (int64_t i = 0; i < L; ++i) op[i] = out[i].mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+    std::vector<std::vector<acc_t>> sums(L);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / blocks, R = item % blocks;
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t s = lv.s[i], Wo = lv.wo[i], r0 = lv.row0(i, R), T = lv.rows(i, R) * Wo;
+        std::vector<acc_t>& buf = sums[i];
+        buf.assign(C * T, acc_t(0));
+        acc_t* __restrict__ B = buf.data();
+        if (i == 0) {  // from x: each element read once
+          const int64_t h0 = r0 * s, h1 = std::min(H, (r0 + lv.rows(0, R)) * s), w1 = std::min(W, Wo * s);
+          for (int64_t h = h0; h < h1; ++h) {
+            const int64_t tr = (h / s - r0) * Wo;
+            if (CL) {
+              const scalar_t* __restrict__ xr = xp + ((n * H + h) * W) * C;
+              for (int64_t w = 0; w < w1; ++w) {
+                acc_t* __restrict__ Bt = B + (tr + w / s) * C;
+                const scalar_t* __restrict__ xc = xr + w * C;
+                HIRES_SIMD
+                for (int64_t c = 0; c < C; ++c) Bt[c] += static_cast<acc_t>(xc[c]);
+              }
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                const scalar_t* __restrict__ xr = xp + ((n * C + c) * H + h) * W;
+                acc_t* __restrict__ Bc = B + c * T + tr;
+                for (int64_t w = 0; w < w1; ++w) Bc[w / s] += static_cast<acc_t>(xr[w]);
+              }
+            }
+          }
+        } else {  // from the finer level's sums
+          const int64_t q = s / lv.s[i - 1], Wf = lv.wo[i - 1], rf = lv.rows(i - 1, R), Tf = rf * Wf;
+          const acc_t* __restrict__ F = sums[i - 1].data();
+          for (int64_t lr = 0; lr < rf; ++lr) {
+            for (int64_t ow = 0; ow < Wf; ++ow) {
+              // In floor mode finer windows may reach past the coarser ones.
+              if (lr / q >= lv.rows(i, R) || ow / q >= Wo) continue;
+              const int64_t t = (lr / q) * Wo + ow / q, tf = lr * Wf + ow;
+              if (CL) {
+                HIRES_SIMD
+                for (int64_t c = 0; c < C; ++c) B[t * C + c] += F[tf * C + c];
+              } else {
+                for (int64_t c = 0; c < C; ++c) B[c * T + t] += F[c * Tf + tf];
+              }
+            }
+          }
+        }
+        // Averages of this level's rows in the block.
+        const int64_t Ho = lv.ho[i];
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t oh = r0 + t / Wo, ow = t % Wo;
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(covered(oh, s, H) * covered(ow, s, W));
+          if (CL) {
+            scalar_t* __restrict__ o = op[i] + ((n * Ho + oh) * Wo + ow) * C;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(B[t * C + c] * inv);
+          } else {
+            for (int64_t c = 0; c < C; ++c) op[i][((n * C + c) * Ho + oh) * Wo + ow] = static_cast<scalar_t>(B[c * T + t] * inv);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> pool_many_cpu(const at::Tensor& x, at::IntArrayRef strides, bool ceil_mode) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const Levels lv(strides, H, W, ceil_mode);
+  const auto fmt = hires::memory_format_of(x);
+  std::vector<at::Tensor> level_out;
+  for (size_t i = 0; i < lv.s.size(); ++i)
+    level_out.push_back(at::empty({N, C, lv.ho[i], lv.wo[i]}, x.options().memory_format(fmt)));
+  if (!lv.s.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool_many_cpu", [&] {
+      (fmt == at::MemoryFormat::ChannelsLast ? pool_levels<scalar_t, true> : pool_levels<scalar_t, false>)(x, lv,
+                                                                                                       level_out);
+    });
+  }
+  // Outputs of the op: none may alias x or another (a second target of the same stride
+  // gets a copy).
+  std::vector<at::Tensor> pooled;
+  std::vector<char> given(lv.s.size(), 0);
+  for (int64_t s : strides) {
+    if (s == 1) {
+      pooled.push_back(x);
+      continue;
+    }
+    const size_t i = lv.index(s);
+    pooled.push_back(given[i] ? level_out[i].clone() : level_out[i]);
+    given[i] = 1;
+  }
+  return pooled;
+}
+
+// grad_x = sum over targets of grads[t] / |window| spread over its windows: the per-element
+// value of a window is its own plus its coarser parent's, built from the coarsest level
+// down, then written once per element of x (0 outside every window, in floor mode).
+template <typename scalar_t, bool CL, typename acc_t = at::opmath_type<scalar_t>>
+void unpool_levels(const std::vector<const scalar_t*>& level_grads, const std::vector<const scalar_t*>& full_grads,
+                   const Levels& lv, int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* dx) {
+  const int64_t S = lv.block(), blocks = (H + S - 1) / S, L = lv.s.size();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+    std::vector<std::vector<acc_t>> vals(L);
+    std::vector<acc_t> row(CL ? 0 : W);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / blocks, R = item % blocks;
+      for (int64_t i = L - 1; i >= 0; --i) {
+        const int64_t s = lv.s[i], Ho = lv.ho[i], Wo = lv.wo[i], r0 = lv.row0(i, R), T = lv.rows(i, R) * Wo;
+        std::vector<acc_t>& buf = vals[i];
+        buf.resize(C * T);
+        acc_t* __restrict__ V = buf.data();
+        const scalar_t* g = level_grads[i];
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t oh = r0 + t / Wo, ow = t % Wo;
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(covered(oh, s, H) * covered(ow, s, W));
+          // The parent window's value, where a coarser level covers this one.
+          const acc_t* P = nullptr;
+          int64_t tp = 0, Tp = 0;
+          if (i + 1 < L) {
+            const int64_t q = lv.s[i + 1] / s, Wp = lv.wo[i + 1], lr = (oh - r0) / q, pw = ow / q;
+            if (lr < lv.rows(i + 1, R) && pw < Wp) {
+              P = vals[i + 1].data();
+              tp = lr * Wp + pw;
+              Tp = lv.rows(i + 1, R) * Wp;
+            }
+          }
+          if (CL) {
+            const scalar_t* __restrict__ gc = g + ((n * Ho + oh) * Wo + ow) * C;
+            acc_t* __restrict__ Vt = V + t * C;
+            HIRES_SIMD
+            for (int64_t c = 0; c < C; ++c) Vt[c] = static_cast<acc_t>(gc[c]) * inv + (P ? P[tp * C + c] : acc_t(0));
+          } else {
+            for (int64_t c = 0; c < C; ++c)
+              V[c * T + t] = static_cast<acc_t>(g[((n * C + c) * Ho + oh) * Wo + ow]) * inv + (P ? P[c * Tp + tp] : acc_t(0));
+          }
+        }
+      }
+      const int64_t h0 = R * S, h1 = std::min(H, h0 + S);
+      const int64_t s1 = L ? lv.s[0] : 1, Wo1 = L ? lv.wo[0] : 0, r01 = L ? lv.row0(0, R) : 0;
+      const int64_t rows1 = L ? lv.rows(0, R) : 0, T1 = rows1 * Wo1;
+      const acc_t* V1 = L ? vals[0].data() : nullptr;
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t lr = h / s1 - r01;
+        const bool row_in = L && lr < rows1;
+        if (CL) {
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t off = ((n * H + h) * W + w) * C;
+            scalar_t* __restrict__ o = dx + off;
+            const bool in = row_in && w / s1 < Wo1;
+            const acc_t* __restrict__ v = in ? V1 + (lr * Wo1 + w / s1) * C : nullptr;
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t a = v ? v[c] : acc_t(0);
+              for (const scalar_t* f : full_grads) a += static_cast<acc_t>(f[off + c]);
+              o[c] = static_cast<scalar_t>(a);
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t off = ((n * C + c) * H + h) * W;
+            for (int64_t w = 0; w < W; ++w)
+              row[w] = row_in && w / s1 < Wo1 ? V1[c * T1 + lr * Wo1 + w / s1] : acc_t(0);
+            for (const scalar_t* f : full_grads) {
+              HIRES_SIMD
+              for (int64_t w = 0; w < W; ++w) row[w] += static_cast<acc_t>(f[off + w]);
+            }
+            scalar_t* __restrict__ o = dx + off;
+            HIRES_SIMD
+            for (int64_t w = 0; w < W; ++w) o[w] = static_cast<scalar_t>(row[w]);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor unpool_sum_cpu(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H, int64_t W,
+                          at::MemoryFormat fmt) {
+  const int64_t N = grads[0].size(0), C = grads[0].size(1);
+  const Levels lv(strides, H, W, ceil_mode);
+  // Targets of the same stride add up at their level first (small tensors).
+  std::vector<at::Tensor> level(lv.s.size()), full;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const at::Tensor g = grads[t].contiguous(fmt);
+    if (strides[t] == 1) {
+      full.push_back(g);
+    } else {
+      at::Tensor& l = level[lv.index(strides[t])];
+      l = l.defined() ? (l + g).contiguous(fmt) : g;
+    }
+  }
+  at::Tensor dx = at::empty({N, C, H, W}, grads[0].options().memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dx.scalar_type(), "unpool_sum_cpu", [&] {
+    std::vector<const scalar_t*> lp, fp;
+    for (const auto& l : level) lp.push_back(l.const_data_ptr<scalar_t>());
+    for (const auto& f : full) fp.push_back(f.const_data_ptr<scalar_t>());
+    (fmt == at::MemoryFormat::ChannelsLast ? unpool_levels<scalar_t, true> : unpool_levels<scalar_t, false>)(
+        lp, fp, lv, N, C, H, W, dx.mutable_data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+const hires::DeviceKernels kCpuKernels{pool_many_cpu, unpool_sum_cpu, projection_cpu, projection_backward_cpu};
+
+hires::ProjectionsResult projections_cpu(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                         at::TensorList bn_bias, at::TensorList running_mean,
+                                         at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                         bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
+  return hires::projections_forward(kCpuKernels, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                    ceil_mode, training, momentum, eps);
+}
+
+hires::ProjectionsBackwardResult projections_backward_cpu(at::TensorList grad_out, at::TensorList saved,
+                                                          at::TensorList y, at::TensorList shift,
+                                                          at::TensorList weight, at::TensorList bn_weight,
+                                                          at::TensorList mean, at::TensorList var,
+                                                          at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
+                                                          int64_t in_w, bool training, at::ArrayRef<double> eps) {
+  return hires::projections_backward(kCpuKernels, grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
+                                     ceil_mode, in_h, in_w, training, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hires, CPU, m) {
   m.impl("projection", &projection_cpu);
   m.impl("projection_backward", &projection_backward_cpu);
+  m.impl("projections", &projections_cpu);
+  m.impl("projections_backward", &projections_backward_cpu);
 }
