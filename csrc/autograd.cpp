@@ -164,13 +164,23 @@ BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at
 using hires::ProjectionsBackwardResult;
 using hires::ProjectionsResult;
 
-ProjectionsResult call_projections(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                   at::TensorList bn_bias, at::TensorList running_mean, at::TensorList running_var,
-                                   at::IntArrayRef stride, bool ceil_mode, bool training, at::ArrayRef<double> momentum,
-                                   at::ArrayRef<double> eps) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("hires::projections", "").typed<decltype(call_projections)>();
-  return op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, momentum, eps);
+ProjectionsResult call_projections_forward(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                           at::TensorList bn_bias, at::TensorList running_mean,
+                                           at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                           bool training, at::ArrayRef<double> eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hires::projections_forward", "")
+                       .typed<decltype(call_projections_forward)>();
+  return op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps);
+}
+
+void call_update_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
+                       at::TensorList shift, at::TensorList mean, at::TensorList var, at::IntArrayRef count,
+                       at::ArrayRef<double> momentum) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hires::projections_update_stats", "")
+                       .typed<decltype(call_update_stats)>();
+  op.call(running_mean, running_var, weight, shift, mean, var, count, momentum);
 }
 
 ProjectionsBackwardResult call_projections_backward(at::TensorList grad_out, at::TensorList saved, at::TensorList y,
@@ -185,8 +195,33 @@ ProjectionsBackwardResult call_projections_backward(at::TensorList grad_out, at:
                  eps);
 }
 
-void bump_running_stats(at::TensorList running_mean, at::TensorList running_var, bool training) {
-  if (!training) return;
+// hires::projections: the forward op, then (training) the running statistics' update.
+std::vector<at::Tensor> projections_composite(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                              at::TensorList bn_bias, at::TensorList running_mean,
+                                              at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                              bool training, at::ArrayRef<double> momentum,
+                                              at::ArrayRef<double> eps) {
+  TORCH_CHECK_VALUE(momentum.size() == weight.size(), "fused_projections: momentum needs one entry per target (",
+                    weight.size(), "), got ", momentum.size());
+  auto [out, saved, y, shift, mean, var] =
+      call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
+                               eps);
+  if (training) {
+    std::vector<int64_t> count;
+    for (const auto& o : out) count.push_back(o.numel() / o.size(1));
+    call_update_stats(running_mean, running_var, weight, shift, mean, var, count, momentum);
+  }
+  return out;
+}
+
+void projections_update_stats_autograd(at::TensorList running_mean, at::TensorList running_var,
+                                       at::TensorList weight, at::TensorList shift, at::TensorList mean,
+                                       at::TensorList var, at::IntArrayRef count, at::ArrayRef<double> momentum) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    call_update_stats(running_mean, running_var, weight, shift, mean, var, count, momentum);
+  }
+  // Written below the ADInplaceOrView layer: count the writes.
   for (size_t t = 0; t < running_mean.size(); ++t) {
     torch::autograd::impl::bump_version(running_mean[t]);
     torch::autograd::impl::bump_version(running_var[t]);
@@ -197,7 +232,7 @@ void bump_running_stats(at::TensorList running_mean, at::TensorList running_var,
 // entries, then one (undefined) per non-tensor argument.
 variable_list projections_input_grads(const ProjectionsBackwardResult& r, size_t k) {
   const auto& [grad_x, grad_w, grad_gamma, grad_beta] = r;
-  variable_list g(1 + 5 * k + 6);
+  variable_list g(1 + 5 * k + 5);
   g[0] = grad_x;
   for (size_t t = 0; t < k; ++t) {
     g[1 + t] = grad_w[t];
@@ -215,11 +250,10 @@ class ProjectionsFunction : public torch::autograd::Function<ProjectionsFunction
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weight,
                                at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList running_mean,
                                at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode, bool training,
-                               at::ArrayRef<double> momentum, at::ArrayRef<double> eps, ProjectionsResult* rest) {
+                               at::ArrayRef<double> eps, ProjectionsResult* rest) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    *rest = call_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
-                             momentum, eps);
-    bump_running_stats(running_mean, running_var, training);
+    *rest = call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode,
+                                     training, eps);
     const auto& [out, saved, y, shift, mean, var] = *rest;
     const size_t k = weight.size();
     variable_list keep;
@@ -273,26 +307,23 @@ class ProjectionsBackwardFunction : public torch::autograd::Function<Projections
   static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
 };
 
-ProjectionsResult projections_autograd(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                       at::TensorList bn_bias, at::TensorList running_mean,
-                                       at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                       bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
-  hires::check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
-                           momentum, eps);
+ProjectionsResult projections_forward_autograd(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                               at::TensorList bn_bias, at::TensorList running_mean,
+                                               at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                               bool training, at::ArrayRef<double> eps) {
+  hires::check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps);
   auto any_requires_grad = [](at::TensorList l) {
     return std::any_of(l.begin(), l.end(), [](const at::Tensor& t) { return t.requires_grad(); });
   };
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || any_requires_grad(weight) ||
                                        any_requires_grad(bn_weight) || any_requires_grad(bn_bias))) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto r = call_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
-                              momentum, eps);
-    bump_running_stats(running_mean, running_var, training);
-    return r;
+    return call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode,
+                                    training, eps);
   }
   ProjectionsResult r;
   std::get<0>(r) = ProjectionsFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                              ceil_mode, training, momentum, eps, &r);
+                                              ceil_mode, training, eps, &r);
   return r;
 }
 
@@ -319,6 +350,11 @@ ProjectionsBackwardResult projections_backward_autograd(at::TensorList grad_out,
 TORCH_LIBRARY_IMPL(hires, Autograd, m) {
   m.impl("projection", &projection_autograd);
   m.impl("projection_backward", &projection_backward_autograd);
-  m.impl("projections", &projections_autograd);
+  m.impl("projections_forward", &projections_forward_autograd);
+  m.impl("projections_update_stats", &projections_update_stats_autograd);
   m.impl("projections_backward", &projections_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(hires, CompositeImplicitAutograd, m) {
+  m.impl("projections", &projections_composite);
 }

@@ -20,9 +20,13 @@
 //
 // hires::projections runs every projection of one source x (csrc/projections.h): list
 // arguments hold one entry per target, x is read once, and each out_t = BN_t(W_t
-// avgpool_{s_t}(x)) has no residual (the targets' blocks add it when they run). saved_t is
-// the pooled input (empty where s_t = 1). hires::projections_backward takes every
-// target's grad_out (zeros where a target's output got none) and returns one grad_x.
+// avgpool_{s_t}(x)) has no residual (the targets' blocks add it when they run). It is a
+// composite of two ops (csrc/autograd.cpp), because an op that mutates its inputs cannot
+// return lists under torch.compile: hires::projections_forward (pure; it returns, per
+// target, out and what backward needs, as hires::projection does, with saved the pooled
+// input, empty where s_t = 1) and, in training, hires::projections_update_stats, the
+// running statistics' momentum update (count: the values per channel).
+// hires::projections_backward takes every target's grad_out and returns one grad_x.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(hires, m) {
@@ -37,7 +41,14 @@ TORCH_LIBRARY(hires, m) {
   m.def(
       "projections(Tensor x, Tensor[] weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor(a!)[] running_mean, "
       "Tensor(b!)[] running_var, int[] stride, bool ceil_mode, bool training, float[] momentum, float[] eps) "
+      "-> Tensor[]");
+  m.def(
+      "projections_forward(Tensor x, Tensor[] weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] running_mean, "
+      "Tensor[] running_var, int[] stride, bool ceil_mode, bool training, float[] eps) "
       "-> (Tensor[] out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] mean, Tensor[] var)");
+  m.def(
+      "projections_update_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor[] weight, "
+      "Tensor[] shift, Tensor[] mean, Tensor[] var, int[] count, float[] momentum) -> ()");
   m.def(
       "projections_backward(Tensor[] grad_out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] weight, "
       "Tensor[] bn_weight, Tensor[] mean, Tensor[] var, int[] stride, bool ceil_mode, int in_h, int in_w, "

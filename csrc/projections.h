@@ -23,7 +23,8 @@ namespace hires {
 
 using ProjectionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ProjectionBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// (out, saved, y, shift, mean, var): one list entry per target.
+// (out, saved, y, shift, mean, var): one list entry per target; mean and var are the
+// statistics of the shifted conv output, as hires::projection returns them.
 using ProjectionsResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                                      std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 // (grad_x, grad_weight, grad_bn_weight, grad_bn_bias).
@@ -60,16 +61,14 @@ inline void check_nested_strides(at::IntArrayRef strides) {
 
 inline void check_projections(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
                               at::TensorList bn_bias, at::TensorList running_mean, at::TensorList running_var,
-                              at::IntArrayRef stride, bool ceil_mode, bool training, at::ArrayRef<double> momentum,
-                              at::ArrayRef<double> eps) {
+                              at::IntArrayRef stride, bool ceil_mode, bool training, at::ArrayRef<double> eps) {
   const size_t k = weight.size();
   TORCH_CHECK_VALUE(k >= 1, "fused_projections: no targets (weight is an empty list)");
   TORCH_CHECK_VALUE(bn_weight.size() == k && bn_bias.size() == k && running_mean.size() == k &&
-                        running_var.size() == k && stride.size() == k && momentum.size() == k && eps.size() == k,
-                    "fused_projections: weight, bn_weight, bn_bias, running_mean, running_var, stride, momentum and "
-                    "eps need one entry per target; got ", k, ", ", bn_weight.size(), ", ", bn_bias.size(), ", ",
-                    running_mean.size(), ", ", running_var.size(), ", ", stride.size(), ", ", momentum.size(), " and ",
-                    eps.size());
+                        running_var.size() == k && stride.size() == k && eps.size() == k,
+                    "fused_projections: weight, bn_weight, bn_bias, running_mean, running_var, stride and eps need "
+                    "one entry per target; got ", k, ", ", bn_weight.size(), ", ", bn_bias.size(), ", ",
+                    running_mean.size(), ", ", running_var.size(), ", ", stride.size(), " and ", eps.size());
   for (size_t t = 0; t < k; ++t) {
     check_forward(x, weight[t], bn_weight[t], bn_bias[t], running_mean[t], running_var[t], at::Tensor(), stride[t],
                   ceil_mode, training, eps[t]);
@@ -77,22 +76,25 @@ inline void check_projections(const at::Tensor& x, at::TensorList weight, at::Te
   check_nested_strides(stride);
 }
 
+// The forward without the running statistics' update (hires::projections_update_stats
+// does it): an op that mutates its inputs cannot return lists under torch.compile.
 inline ProjectionsResult projections_forward(const DeviceKernels& dev, const at::Tensor& x, at::TensorList weight,
                                              at::TensorList bn_weight, at::TensorList bn_bias,
                                              at::TensorList running_mean, at::TensorList running_var,
                                              at::IntArrayRef stride, bool ceil_mode, bool training,
-                                             at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
-  check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, momentum,
-                    eps);
+                                             at::ArrayRef<double> eps) {
+  check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps);
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto pooled = dev.pool_many(x.contiguous(memory_format_of(x)), stride, ceil_mode);
   ProjectionsResult r;
   auto& [out, saved, y, shift, mean, var] = r;
   for (size_t t = 0; t < weight.size(); ++t) {
     // At stride 1 the kernels keep their input, pooled_t, for backward: their own
-    // `saved` is empty.
-    auto p = dev.forward(pooled[t], weight[t], bn_weight[t], bn_bias[t], running_mean[t], running_var[t],
-                         std::nullopt, 1, false, training, momentum[t], eps[t]);
+    // `saved` is empty. Training passes no running statistics: nothing to update here.
+    auto p = dev.forward(pooled[t], weight[t], bn_weight[t], bn_bias[t],
+                         training ? std::nullopt : std::optional<at::Tensor>(running_mean[t]),
+                         training ? std::nullopt : std::optional<at::Tensor>(running_var[t]), std::nullopt, 1, false,
+                         training, 0.0, eps[t]);
     out.push_back(std::move(std::get<0>(p)));
     // Where s_t = 1, backward gets x from the autograd kernel: an output may not alias it.
     saved.push_back(stride[t] == 1 ? x.new_empty({0}) : pooled[t]);
@@ -146,6 +148,20 @@ inline ProjectionsBackwardResult projections_backward(const DeviceKernels& dev, 
   }
   grad_x = dev.unpool_sum(grad_pooled, stride, ceil_mode, in_h, in_w, saved_memory_format(saved[0]));
   return r;
+}
+
+// running_mean/var <- the momentum update with each target's batch statistics, through
+// ATen ops (a device whose kernels do not do it themselves).
+inline void projections_update_stats_aten(at::TensorList running_mean, at::TensorList running_var,
+                                          at::TensorList weight, at::TensorList shift, at::TensorList mean,
+                                          at::TensorList var, at::IntArrayRef count, at::ArrayRef<double> momentum) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  for (size_t t = 0; t < weight.size(); ++t) {
+    const at::Tensor w = weight[t].reshape({weight[t].size(0), weight[t].size(1)}).to(mean[t].scalar_type());
+    update_running_stat(running_mean[t], mean[t] + at::mv(w, shift[t]), momentum[t]);
+    update_running_stat(running_var[t], var[t] * (static_cast<double>(count[t]) / static_cast<double>(count[t] - 1)),
+                        momentum[t]);
+  }
 }
 
 }  // namespace hires

@@ -2,7 +2,8 @@
 
 from .backends import available_backends
 from .fuse import fuse
-from .module import HierarchicalProjection
-from .projection import fused_projection, projection_reference
+from .module import HierarchicalProjection, project_source
+from .projection import fused_projection, fused_projections, projection_reference
 
-__all__ = ["HierarchicalProjection", "available_backends", "fuse", "fused_projection", "projection_reference"]
+__all__ = ["HierarchicalProjection", "available_backends", "fuse", "fused_projection", "fused_projections",
+           "project_source", "projection_reference"]

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 from torch import nn
 
-from .projection import fused_projection, projection_reference
+from .projection import call_projections, fused_projection, fused_projections, projection_reference
+
+__all__ = ["BatchNormArgs", "HierarchicalProjection", "batch_norm_args", "project_source"]
+
+
+class BatchNormArgs(NamedTuple):
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    training: bool   # normalise with batch statistics
+    momentum: float
+    counter: torch.Tensor | None   # num_batches_tracked, when it moves on
+
+
+def batch_norm_args(training: bool, bn: nn.BatchNorm2d) -> BatchNormArgs:
+    """What a projection in ``training`` mode passes to the op for its ``bn``: the same
+    bookkeeping as nn.BatchNorm2d.forward, so every path matches it."""
+    counter = bn.num_batches_tracked if training and bn.track_running_stats else None
+    if bn.momentum is None:
+        factor = 1.0 / float(counter + 1) if counter is not None else 0.0
+    else:
+        factor = bn.momentum
+    running_mean, running_var = bn.running_mean, bn.running_var
+    batch_stats = training or (running_mean is None and running_var is None)
+    if training and not bn.track_running_stats:
+        running_mean = running_var = None
+    return BatchNormArgs(running_mean, running_var, batch_stats, factor, counter)
 
 
 class HierarchicalProjection(nn.Module):
@@ -45,15 +72,7 @@ class HierarchicalProjection(nn.Module):
                                  track_running_stats=track_running_stats)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        bn = self.bn
-        # The same bookkeeping as nn.BatchNorm2d.forward, so both paths match it.
-        counting = self.training and bn.track_running_stats and bn.num_batches_tracked is not None
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked + 1) if counting else 0.0
-        else:
-            factor = bn.momentum
-        batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        track = not self.training or bn.track_running_stats
+        a = batch_norm_args(self.training, self.bn)
         if self.sync_group is not None and self.training:
             from .sync import sync_projection
 
@@ -62,13 +81,43 @@ class HierarchicalProjection(nn.Module):
             op, kwargs = fused_projection, {"backend": self.backend}
         else:
             op, kwargs = projection_reference, {}
-        out = op(x, self.conv.weight, bn.weight, bn.bias,
-                 bn.running_mean if track else None, bn.running_var if track else None, residual,
-                 stride=self.stride, training=batch_stats, momentum=factor, eps=bn.eps,
+        out = op(x, self.conv.weight, self.bn.weight, self.bn.bias, a.running_mean, a.running_var, residual,
+                 stride=self.stride, training=a.training, momentum=a.momentum, eps=self.bn.eps,
                  ceil_mode=self.ceil_mode, **kwargs)
-        if counting:
-            bn.num_batches_tracked.add_(1)
+        if a.counter is not None:
+            a.counter.add_(1)
         return out
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, ceil_mode={self.ceil_mode}, fused={self.fused}"
+
+
+def project_source(x: torch.Tensor, projections: Sequence[HierarchicalProjection]) -> list[torch.Tensor]:
+    """``[p(x) for p in projections]``: every projection of one source ``x``, with the
+    same results, running statistics and ``num_batches_tracked`` as those calls.
+
+    Fused projections that can share a call (same mode, backend and ceil_mode, no
+    SyncBatchNorm group in training) run as one :func:`fused_projections` call: x is
+    read once for all of them and backward writes one grad_x. The others run one by one.
+    """
+    if not projections:
+        return []
+    first = projections[0]
+    training = first.training
+    if not all(p.fused and p.training == training and (p.sync_group is None or not training)
+               and p.backend == first.backend and p.ceil_mode == first.ceil_mode for p in projections):
+        return [p(x) for p in projections]
+    # Every attribute is read once: this runs per source on every step, and a submodule,
+    # parameter or buffer read goes through nn.Module.__getattr__.
+    bns = [p.bn for p in projections]
+    args = [batch_norm_args(training, bn) for bn in bns]
+    if any(a.training != args[0].training for a in args):
+        return [p(x) for p in projections]
+    outs = call_projections(
+        x, [p.conv.weight for p in projections], [bn.weight for bn in bns], [bn.bias for bn in bns],
+        [a.running_mean for a in args], [a.running_var for a in args], [p.stride for p in projections],
+        args[0].training, [a.momentum for a in args], [bn.eps for bn in bns], first.ceil_mode, first.backend)
+    counters = [a.counter for a in args if a.counter is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    return outs

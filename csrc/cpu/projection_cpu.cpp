@@ -73,8 +73,25 @@ struct Mat {
 
 // Logical C[m, n] = A[m, k] B[k, n] + beta C (beta 0 or 1) through the CPU kernel directly
 // (at::cpu::*_out: no dispatcher round trip; raw-pointer views, no allocation).
+// Below kSmallGemm multiply-adds a plain loop is faster than a BLAS call's fixed cost
+// (tensor views, checks, dispatch inside the library: microseconds), which would otherwise
+// decide the time of a call on small layers.
+constexpr int64_t kSmallGemm = 4096;
+
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, Mat<T> A, Mat<T> B, T beta, T* C, int64_t ldc, bool ct) {
+  if (m * n * k <= kSmallGemm) {
+    const int64_t ai = A.t ? 1 : A.ld, ak = A.t ? A.ld : 1, bk = B.t ? 1 : B.ld, bj = B.t ? B.ld : 1;
+    const int64_t ci = ct ? 1 : ldc, cj = ct ? ldc : 1;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        T sum = beta == T(0) ? T(0) : C[i * ci + j * cj];
+        for (int64_t q = 0; q < k; ++q) sum += A.p[i * ai + q * ak] * B.p[q * bk + j * bj];
+        C[i * ci + j * cj] = sum;
+      }
+    }
+    return;
+  }
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto view = [&](const T* p, int64_t r, int64_t c, int64_t ld, bool t) {
     return at::from_blob(const_cast<T*>(p), {r, c}, t ? at::IntArrayRef{1, ld} : at::IntArrayRef{ld, 1}, opt);
@@ -1098,12 +1115,27 @@ at::Tensor unpool_sum_cpu(at::TensorList grads, at::IntArrayRef strides, bool ce
 
 const hires::DeviceKernels kCpuKernels{pool_many_cpu, unpool_sum_cpu, projection_cpu, projection_backward_cpu};
 
-hires::ProjectionsResult projections_cpu(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                         at::TensorList bn_bias, at::TensorList running_mean,
-                                         at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                         bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
+hires::ProjectionsResult projections_forward_cpu(const at::Tensor& x, at::TensorList weight,
+                                                 at::TensorList bn_weight, at::TensorList bn_bias,
+                                                 at::TensorList running_mean, at::TensorList running_var,
+                                                 at::IntArrayRef stride, bool ceil_mode, bool training,
+                                                 at::ArrayRef<double> eps) {
   return hires::projections_forward(kCpuKernels, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                    ceil_mode, training, momentum, eps);
+                                    ceil_mode, training, eps);
+}
+
+void projections_update_stats_cpu(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
+                                  at::TensorList shift, at::TensorList mean, at::TensorList var, at::IntArrayRef count,
+                                  at::ArrayRef<double> momentum) {
+  for (size_t t = 0; t < weight.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES(mean[t].scalar_type(), "projections_update_stats_cpu", [&] {
+      const at::Tensor w = weight[t].reshape({weight[t].size(0), weight[t].size(1)}).to(mean[t].scalar_type());
+      const at::Tensor sh = shift[t].contiguous(), m = mean[t].contiguous(), v = var[t].contiguous();
+      update_running_stats(running_mean[t], running_var[t], m.const_data_ptr<scalar_t>(),
+                           weight_times(w.contiguous(), sh.const_data_ptr<scalar_t>()), v.const_data_ptr<scalar_t>(),
+                           count[t], momentum[t]);
+    });
+  }
 }
 
 hires::ProjectionsBackwardResult projections_backward_cpu(at::TensorList grad_out, at::TensorList saved,
@@ -1121,6 +1153,7 @@ hires::ProjectionsBackwardResult projections_backward_cpu(at::TensorList grad_ou
 TORCH_LIBRARY_IMPL(hires, CPU, m) {
   m.impl("projection", &projection_cpu);
   m.impl("projection_backward", &projection_backward_cpu);
-  m.impl("projections", &projections_cpu);
+  m.impl("projections_forward", &projections_forward_cpu);
+  m.impl("projections_update_stats", &projections_update_stats_cpu);
   m.impl("projections_backward", &projections_backward_cpu);
 }

@@ -26,9 +26,12 @@ Where a projection is added (``side``)
 - ``"input"``: onto the entry block's input: ``x' = x + sum_k P_k(x_k)``, then
   ``relu(F(x') + shortcut(x'))``; ``P_k`` matches the input's resolution and width.
 
-Several projections entering one block are chained through the op's ``residual``
-argument, ``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``, so that no
-separate add kernels remain. A projection's pooling stride is the ratio of the
+The projections of one source are computed together, right after their source level
+(``HiResNet.forward_features``, :func:`hires_kernels.project_source`): the fused op then
+reads the source once for all its targets and writes one gradient for it in backward,
+and each target block adds its ``P_k`` to its sum. A block called on its own (without
+``projected``) chains its projections through the op's ``residual`` argument,
+``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``. A projection's pooling stride is the ratio of the
 source's and the target's resolution (a power of two); pooling runs in ceil mode,
 which equals floor mode when the sizes divide and otherwise matches the
 ``ceil(H / 2)`` sizes of the strided convolutions (e.g. 7 -> 4).
@@ -119,33 +122,38 @@ class HierarchicalBlock(nn.Module):
         """The residual function ``F``."""
         raise NotImplementedError
 
-    def _add_projections(self, base: torch.Tensor, levels, captured: dict | None) -> torch.Tensor:
-        """``base + sum_k P_k(levels[k])`` over the projections not ablated: chained
+    def _add_projections(self, base: torch.Tensor, levels, captured: dict | None, projected: dict | None
+                         ) -> torch.Tensor:
+        """``base + sum_k P_k(levels[k])`` over the projections not ablated: added from
+        ``projected`` (computed with the other projections of their source), chained
         through the fused op's ``residual``, or summed eagerly into ``captured``."""
         for k, proj in zip(self.projection_sources, self.projections):
             key = f"P{k}"
             if key in self.ablate:
                 continue
-            if captured is None:
-                base = proj(levels[k], residual=base)
-            else:
+            if captured is not None:
                 p = _eager_projection(proj, levels[k])
                 captured[key] = p.detach()
                 base = base + p
+            elif projected is not None and k in projected:
+                base = base + projected[k]
+            else:
+                base = proj(levels[k], residual=base)
         return base
 
-    def forward(self, x: torch.Tensor, levels=()) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, levels=(), projected: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """``levels``: the outputs of the levels below (index = level); only blocks
-        with projections read it."""
+        with projections read it. ``projected``: ``{k: P_k(levels[k])}`` already computed
+        (by :meth:`HiResNet.forward_features`, one call per source level)."""
         captured = {} if self.capture_addends else None
         if self.side == "input":
-            x = self._add_projections(x, levels, captured)
+            x = self._add_projections(x, levels, captured, projected)
         out = f = self.branch(x)
         s = None if self.shortcut is None else self.shortcut(x)
         if s is not None:
             out = out + s
         if self.side == "output":
-            out = self._add_projections(out, levels, captured)
+            out = self._add_projections(out, levels, captured, projected)
         if captured is not None:
             shortcut = {} if s is None else {"shortcut": s.detach()}
             self.addends = {"F": f.detach(), **shortcut, **captured}

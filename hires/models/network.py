@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hires_kernels import HierarchicalProjection
+from hires_kernels import HierarchicalProjection, project_source
 
 from .blocks import BasicBlock, Bottleneck
 from .hierarchy import SIDES, HierarchicalBlock, check_choice, projection_sources, projection_stride
@@ -68,6 +68,8 @@ class HiResNet(nn.Module):
             widths.append(p * block_cls.expansion)
             factors.append(stride)
 
+        # Source level k -> the stages whose entry block it feeds.
+        self._targets: dict[int, list[int]] = {}
         for level, srcs in projection_sources(len(depths), sources).items():
             target = level if side == "output" else level - 1
             entry = self.stages[level - 1][0]
@@ -75,6 +77,7 @@ class HiResNet(nn.Module):
                 entry.add_projection(k, HierarchicalProjection(
                     widths[k], widths[target], stride=projection_stride(factors, k, target),
                     ceil_mode=True, fused=fused))
+                self._targets.setdefault(k, []).append(level - 1)
 
         self.head = nn.Linear(widths[-1], num_classes)
         self._init_weights()
@@ -92,15 +95,32 @@ class HiResNet(nn.Module):
     def num_projections(self) -> int:
         return sum(len(b.projections) for _, b in self.hierarchical_blocks())
 
+    def _project(self, k: int, x: torch.Tensor, entries: list[HierarchicalBlock],
+                 projected: list[dict[int, torch.Tensor]]) -> None:
+        """The projections of level ``k`` (``x``) into ``projected[stage][k]``, in one call.
+        Ablated ones are skipped; blocks capturing their addends compute theirs themselves,
+        and so does the block of a source's only projection: its residual add stays fused
+        into the op."""
+        stages = [i for i in self._targets.get(k, ())
+                  if not entries[i].capture_addends and f"P{k}" not in entries[i].ablate]
+        if len(stages) > 1:
+            outs = project_source(x, [entries[i].projections[entries[i].projection_sources.index(k)] for i in stages])
+            for i, out in zip(stages, outs):
+                projected[i][k] = out
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last level's feature map."""
         x = self.stem(x)
+        entries = [stage[0] for stage in self.stages]
+        projected: list[dict[int, torch.Tensor]] = [{} for _ in entries]
         levels = [x]
-        for stage in self.stages:
-            x = stage[0](x, levels)
+        self._project(0, x, entries, projected)
+        for i, stage in enumerate(self.stages):
+            x = entries[i](x, levels, projected[i])
             for block in stage[1:]:
                 x = block(x)
             levels.append(x)
+            self._project(i + 1, x, entries, projected)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,18 @@ _MODULES = {name: _import(name) for name in BACKENDS}
 # torch.ops.hires.projection: the cpu and cuda backends' one call (csrc/ops.cpp); None
 # when the extension is not built (then neither backend resolves).
 compiled_projection = getattr(_MODULES["cpu"], "projection", None)
+# torch.ops.hires.projections: every projection of one source in one call.
+compiled_projections = getattr(_MODULES["cpu"], "projections", None)
+
+
+# Devices with a kernel of it, read once: the kernels register when _C is imported.
+_PROJECTIONS_DEVICES = frozenset(
+    d for d in ("cpu", "cuda") if not isinstance(_MODULES["cpu"], Exception) and _MODULES["cpu"].has_projections(d))
+
+
+def serves_projections(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` runs the per-source op on ``device_type`` in one call."""
+    return name in COMPILED and device_type in _PROJECTIONS_DEVICES
 
 
 def _module(name: str) -> ModuleType:

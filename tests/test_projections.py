@@ -1,0 +1,311 @@
+"""Every projection of one source in one call (``fused_projections``, ``project_source``,
+``torch.ops.hires.projections``) against a float64 run of the eager composition per target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import hires_kernels
+from hires_kernels import HierarchicalProjection, fused_projections, project_source
+from hires_kernels.projection import projection_reference
+from hires_kernels.shapes import pooled_size
+from projection_cases import backend_params, layout, rel_err
+from test_projection import _RecordOps, check
+
+# Triton (interpreted in CI) takes the same per-target path as reference, which runs here.
+BACKENDS = [p for p in backend_params() if p.values[0] != "triton"]
+COMPILED = [p for p in BACKENDS if p.values[0] in ("cpu", "cuda")]
+needs_op = pytest.mark.skipif(not hasattr(torch.ops.hires, "projections"), reason="the C++ extension is not built")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source x [n, c_in, h, w] and its targets: (c_out, stride) each."""
+
+    h: int = 8
+    w: int = 8
+    targets: tuple = ((6, 2), (7, 4), (5, 8))
+    ceil_mode: bool = True
+    training: bool = True
+    layout: str = "nchw"
+    n: int = 3
+    c_in: int = 5
+
+    def __str__(self):
+        t = ",".join(f"{c}s{s}" for c, s in self.targets)
+        return (f"{self.n}x{self.c_in}x{self.h}x{self.w}->{t}{'-ceil' if self.ceil_mode else ''}"
+                f"-{'train' if self.training else 'eval'}-{self.layout}")
+
+    def sizes(self, s):
+        return pooled_size(self.h, s, self.ceil_mode), pooled_size(self.w, s, self.ceil_mode)
+
+
+SOURCES = [
+    Source(),
+    Source(h=7, w=9, targets=((6, 2), (4, 4)), layout="channels_last"),
+    Source(h=7, w=9, targets=((6, 2), (4, 4)), ceil_mode=False),
+    Source(h=9, w=7, targets=((3, 1), (6, 2), (4, 4)), layout="strided"),
+    Source(targets=((6, 4), (7, 2), (5, 2)), training=False),
+    Source(h=13, w=11, targets=((6, 2), (7, 4), (9, 8)), ceil_mode=False, training=False, layout="channels_last"),
+    Source(h=5, w=6, targets=((8, 2),), n=2, c_in=33),
+]
+
+
+def make(src: Source, dtype=torch.float64, device="cpu", seed=0, rounded_as=None):
+    """x, grads of the outputs, and per target (weight, bn_weight, bn_bias, running_mean,
+    running_var), drawn in float64 so that every dtype sees the same values."""
+    g = torch.Generator().manual_seed(seed)
+    act = rounded_as or dtype
+    param = torch.float64 if act == torch.float64 else torch.float32
+
+    def rnd(*shape, scale=1.0, kind="param"):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        t = t.to(act if kind == "act" else param)
+        return t.to(device=device, dtype=torch.float64 if rounded_as is not None else t.dtype)
+
+    x = rnd(src.n, src.c_in, src.h, src.w, kind="act")
+    params = [(rnd(c, src.c_in, scale=src.c_in ** -0.5), 1 + 0.5 * rnd(c), 0.5 * rnd(c), rnd(c),
+               0.5 + rnd(c).abs()) for c, _ in src.targets]
+    grads = [rnd(src.n, c, *src.sizes(s), kind="act") for c, s in src.targets]
+    return x, grads, params
+
+
+def run_all(fn, src: Source, x, grads, params, **kwargs):
+    """(outputs, grad of x, grads of every parameter, running statistics after the call)."""
+    x = layout(x.detach().clone(), src.layout).requires_grad_()
+    leaves = [[t.detach().clone().requires_grad_() for t in p[:3]] for p in params]
+    stats = [[t.clone() for t in p[3:]] for p in params]
+    outs = fn(x, [l[0] for l in leaves], [l[1] for l in leaves], [l[2] for l in leaves], [s[0] for s in stats],
+              [s[1] for s in stats], strides=[s for _, s in src.targets], training=src.training,
+              ceil_mode=src.ceil_mode, **kwargs)
+    torch.autograd.backward(outs, [layout(g, src.layout) for g in grads])
+    return outs, x.grad, [t.grad for l in leaves for t in l], [t for s in stats for t in s]
+
+
+def per_target_reference(x, weights, bn_weights, bn_biases, running_means, running_vars, *, strides, **kwargs):
+    """The eager composition per target; in a low-precision dtype the conv runs in it, as
+    under autocast."""
+    return [projection_reference(x, w.to(x.dtype), *p, stride=s, **kwargs)
+            for w, *p, s in zip(weights, bn_weights, bn_biases, running_means, running_vars, strides)]
+
+
+def errors(result, reference) -> dict:
+    outs, gx, gp, stats = result
+    r_outs, r_gx, r_gp, r_stats = reference
+    errs = {f"out{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(outs, r_outs))}
+    errs["grad_x"] = rel_err(gx, r_gx)
+    errs.update({f"grad_param{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(gp, r_gp))})
+    errs.update({f"stat{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(stats, r_stats))})
+    return errs
+
+
+def oracle(src: Source, dtype):
+    return run_all(per_target_reference, src, *make(src, rounded_as=dtype))
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_matches_float64_oracle(backend, device, src):
+    """Outputs, grad_x (every target's contribution), every parameter's gradient and the
+    running statistics: float64 to rounding, float32 within SPEC §3's 1e-5."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        if device == "cuda" and dtype == torch.float64:
+            continue
+        got = run_all(fused_projections, src, *make(src, dtype, device), backend=backend)
+        check(errors(got, oracle(src, dtype)), tol)
+
+
+@pytest.mark.parametrize("src", SOURCES[:3], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_low_precision_within_twice_eager_error(backend, device, dtype, src):
+    ref = oracle(src, dtype)
+    eager = run_all(per_target_reference, src, *make(src, dtype, device))
+    got = run_all(fused_projections, src, *make(src, dtype, device), backend=backend)
+    bound = {k: 2 * v + 1e-3 for k, v in errors(eager, ref).items()}
+    check(errors(got, ref), bound)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_one_op_per_direction(backend, device):
+    """A training forward + backward of three targets dispatches the per-source forward op,
+    the running statistics' update and the backward op, nothing else (hires::projections
+    is their composite); an eval forward, one op."""
+    src = Source()
+    x, grads, params = make(src, torch.float32, device)
+    x.requires_grad_()
+    leaves = [x] + [t.requires_grad_() for p in params for t in p[:3]]
+    args = (x, *(list(ts) for ts in zip(*params)))
+    with _RecordOps() as mode:
+        outs = fused_projections(*args, strides=[2, 4, 8], ceil_mode=True, backend=backend)
+        torch.autograd.grad(outs, leaves, grads)
+    assert mode.ops == ["hires.projections_forward", "hires.projections_update_stats", "hires.projections_backward"]
+    with _RecordOps() as mode, torch.no_grad():
+        fused_projections(*args, strides=[2, 4, 8], ceil_mode=True, training=False, backend=backend)
+    assert mode.ops == ["hires.projections_forward"]
+
+
+@needs_op
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("strides", [[2, 4], [1, 2]], ids=str)
+def test_gradcheck_float64(training, strides):
+    src = Source(h=5, w=4, targets=tuple((3, s) for s in strides), training=training, n=2, c_in=3)
+    x, _, params = make(src)
+    x.requires_grad_()
+    leaves = [t.requires_grad_() for p in params for t in p[:3]]
+
+    def f(x, *flat):
+        ws, gs, bs = flat[0::3], flat[1::3], flat[2::3]
+        # Fresh statistics per call: gradcheck calls f many times.
+        rms, rvs = [p[3].clone() for p in params], [p[4].clone() for p in params]
+        return tuple(fused_projections(x, ws, gs, bs, rms, rvs, strides=strides, training=training, ceil_mode=True,
+                                       backend="cpu"))
+
+    assert torch.autograd.gradcheck(f, (x, *leaves))
+
+
+@needs_op
+@pytest.mark.parametrize("src", [Source(), Source(h=9, w=7, targets=((3, 1), (6, 2)), layout="channels_last",
+                                                   training=False)], ids=str)
+def test_opcheck(src):
+    x, _, params = make(src, torch.float32)
+    x = layout(x, src.layout).requires_grad_()
+    ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
+    for t in ws + gs + bs:
+        t.requires_grad_()
+    k = len(ws)
+    torch.library.opcheck(torch.ops.hires.projections.default,
+                          (x, ws, gs, bs, rms, rvs, [s for _, s in src.targets], src.ceil_mode, src.training,
+                           [0.1] * k, [1e-5] * k))
+
+
+@needs_op
+def test_bad_arguments_are_refused_before_any_update():
+    src = Source()
+    x, _, params = make(src, torch.float32)
+    ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
+    before = [t.clone() for t in rms + rvs]
+    with pytest.raises(ValueError, match="strides needs one entry per target"):
+        fused_projections(x, ws, gs, bs, rms, rvs, strides=[2, 4])
+    with pytest.raises(ValueError, match="momentum needs one value per target"):
+        fused_projections(x, ws, gs, bs, rms, rvs, strides=[2, 4, 8], momentum=[0.1, 0.1])
+    op = torch.ops.hires.projections.default
+    with pytest.raises(ValueError, match="every stride must divide the larger ones"):
+        op(x, ws, gs, bs, rms, rvs, [2, 3, 8], True, True, [0.1] * 3, [1e-5] * 3)
+    with pytest.raises(ValueError, match="one entry per target"):
+        op(x, ws, gs, bs[:2], rms, rvs, [2, 4, 8], True, True, [0.1] * 3, [1e-5] * 3)
+    # The last target is wrong: the first two must not have updated their statistics.
+    bad = ws[:2] + [torch.randn(5, 4)]
+    with pytest.raises(ValueError, match="weight has 4 input channels but x has C_in=5"):
+        op(x, bad, gs, bs, rms, rvs, [2, 4, 8], True, True, [0.1] * 3, [1e-5] * 3)
+    for a, b in zip(before, rms + rvs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_strides_that_do_not_nest_run_per_target(backend, device):
+    """Pooling sums are shared only between strides that divide one another; 2 and 3 run
+    one call per target, with the same results."""
+    src = Source(h=12, w=12, targets=((4, 2), (5, 3)))
+    with _RecordOps() as mode:
+        got = run_all(fused_projections, src, *make(src, torch.float32, device), backend=backend)
+    assert "hires.projections_forward" not in mode.ops
+    check(errors(got, oracle(src, torch.float32)), 1e-5)
+
+
+def _projections(src: Source, **kwargs):
+    torch.manual_seed(0)
+    mods = [HierarchicalProjection(src.c_in, c, stride=s, ceil_mode=src.ceil_mode, **kwargs) for c, s in src.targets]
+    for m in mods:  # statistics and affine parameters away from their defaults
+        if m.bn.track_running_stats:
+            m.bn.running_mean.normal_()
+            m.bn.running_var.uniform_(0.5, 1.5)
+        if m.bn.affine:
+            m.bn.weight.data.uniform_(0.5, 1.5)
+            m.bn.bias.data.normal_()
+    return mods
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
+                                    {"fused": False}], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_project_source_equals_separate_calls(kwargs, training):
+    """project_source gives what calling each module gives: outputs, gradients, running
+    statistics and num_batches_tracked (cumulative momentum included), whatever path runs."""
+    src = Source()
+    a, b = ([m.double() for m in _projections(src, **kwargs)] for _ in range(2))
+    x = torch.randn(3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+    xb = x.detach().clone().requires_grad_()
+    for mods in (a, b):
+        for m in mods:
+            m.train(training)
+    for _ in range(2):
+        outs_a = [m(x) for m in a]
+        outs_b = project_source(xb, b)
+        torch.testing.assert_close(outs_b, outs_a)
+        torch.autograd.backward(outs_a, [o.detach() for o in outs_a])
+        torch.autograd.backward(outs_b, [o.detach() for o in outs_a])
+    torch.testing.assert_close(xb.grad, x.grad)
+    for ma, mb in zip(a, b):
+        torch.testing.assert_close(mb.state_dict(), ma.state_dict())
+        torch.testing.assert_close([p.grad for p in mb.parameters()], [p.grad for p in ma.parameters()])
+
+
+@needs_op
+def test_under_torch_func_grad_matches_reference():
+    """torch.func transforms run the targets one by one (each fused call serves them)."""
+    src = Source(targets=((6, 2), (7, 4)))
+    x, _, params = make(src)
+    ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
+
+    def loss(fn, x, ws):
+        outs = fn(x, ws, gs, bs, [t.clone() for t in rms], [t.clone() for t in rvs], strides=[2, 4],
+                  ceil_mode=True)
+        return sum((o * o).sum() for o in outs)
+
+    got = torch.func.grad(lambda x, ws: loss(fused_projections, x, ws), argnums=(0, 1))(x, ws)
+    want = torch.func.grad(lambda x, ws: loss(per_target_reference, x, ws), argnums=(0, 1))(x, ws)
+    torch.testing.assert_close(got, want)
+
+
+@needs_op
+def test_compiles_fullgraph():
+    src = Source()
+    mods = _projections(src)
+    ref_mods = _projections(src)
+    x = torch.randn(3, 5, 8, 8)
+    compiled = torch.compile(lambda x: project_source(x, mods), fullgraph=True, backend="aot_eager")
+    xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    outs = compiled(xc)
+    want = [m(xr) for m in ref_mods]
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    torch.autograd.backward(want, [torch.ones_like(o) for o in want])
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    for m, r in zip(mods, ref_mods):
+        torch.testing.assert_close(m.bn.running_mean, r.bn.running_mean)
+        assert m.bn.num_batches_tracked.item() == r.bn.num_batches_tracked.item() == 1
+
+
+def test_exported_names():
+    assert {"fused_projections", "project_source"} <= set(hires_kernels.__all__)
+
+
+@needs_op
+def test_training_forward_under_inference_mode_updates_statistics():
+    """A training-mode forward without autograd (BatchNorm recalibration under
+    torch.inference_mode) still moves the running statistics, as nn.BatchNorm2d does."""
+    src = Source()
+    mods, ref = _projections(src), _projections(src)
+    x = torch.randn(3, 5, 8, 8)
+    with torch.inference_mode():
+        project_source(x, mods)
+        for m in ref:
+            m(x)
+    for m, r in zip(mods, ref):
+        torch.testing.assert_close(m.bn.running_var, r.bn.running_var)
+        assert m.bn.num_batches_tracked.item() == 1
