@@ -12,6 +12,11 @@ exactly where the run stopped, also mid-epoch: model, optimizer, schedule, gradi
 scaler, RNG states and the data order and augmentation (which are seeded per epoch
 and step, see :mod:`hires.data.loader`); a larger ``--epochs`` extends the run.
 
+``--compile`` compiles the train step's forward and loss as one graph (and the
+evaluation); ``--cuda-graphs`` (``--compile --compile-mode reduce-overhead``) replays it
+as CUDA graphs. The step reads nothing back from the device: the loss and accuracy
+are summed there and read at the logging points (every 10 steps and the epoch's end).
+
 The guards: an ``--out`` that holds a run is refused without ``--resume`` or
 ``--overwrite``; on resume, an option that contradicts the checkpoint is refused; a
 NaN or infinite loss stops the run before anything of it is saved; SIGINT and SIGTERM
@@ -41,7 +46,8 @@ from .evaluate import evaluate
 from .runs import FORMAT, RunFolder, load_checkpoint, load_weights, model_from_config, rng_state, set_rng_state
 from .schedule import make_scheduler, stretch_scheduler
 
-__all__ = ["add_arguments", "main", "parse_args", "run", "settings", "TrainingDiverged", "EXIT_INTERRUPTED"]
+__all__ = ["add_arguments", "main", "parse_args", "run", "settings", "Objective", "TrainingDiverged",
+           "EXIT_INTERRUPTED"]
 
 #: Exit status of a run stopped by SIGINT or SIGTERM (after saving last.pt), as shells report a Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -54,7 +60,11 @@ RUN_DEFAULTS = dict(model=None, dataset="cifar10", batch_size=128, lr=None, mome
 DEFAULT_EPOCHS = 30
 
 #: Options that only steer this invocation; they are not part of the run's config.
-INVOCATION_KEYS = ("resume", "overwrite", "interrupt_at_step")
+#: (``--cuda-graphs`` is recorded as what it stands for: ``compile`` and ``compile_mode``.)
+INVOCATION_KEYS = ("resume", "overwrite", "interrupt_at_step", "cuda_graphs")
+
+#: torch.compile's modes; reduce-overhead records the compiled step as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class TrainingDiverged(UserError):
@@ -89,7 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--no-fused", dest="fused", action="store_false", default=None,
                    help="run the projections as eager avgpool/conv/BN instead of the fused op")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the train step (model and loss as one graph) and the evaluation")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode, with --compile (default: default); reduce-overhead = CUDA graphs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the compiled train step as CUDA graphs: --compile --compile-mode reduce-overhead "
+                        "(CUDA only)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
                    help="autocast dtype (auto, the default: bf16 on CUDA, off on CPU)")
     p.add_argument("--subset", type=int, help="train on N images (class-balanced)")
@@ -148,7 +164,24 @@ def settings(args: argparse.Namespace, saved: dict | None = None, done_epochs: i
         out["lr"] = 0.1 * out["batch_size"] / 128
     if saved is not None:
         out["data"] = given.get("data") or saved.get("data")
+    out["compile"], out["compile_mode"] = _compile_options(given)
     return argparse.Namespace(**out)
+
+
+def _compile_options(given: dict) -> tuple[bool, str | None]:
+    """(compile, mode) from --compile, --compile-mode and --cuda-graphs; the mode is None
+    without --compile. They steer this invocation only, so a resumed run may change them."""
+    mode = given.get("compile_mode")
+    if given.get("cuda_graphs"):
+        if mode not in (None, "reduce-overhead"):
+            raise UserError(f"--cuda-graphs stands for --compile --compile-mode reduce-overhead, but --compile-mode "
+                            f"{mode} was given: drop one of them")
+        return True, "reduce-overhead"
+    if not given.get("compile"):
+        if mode is not None:
+            raise UserError(f"--compile-mode {mode} sets how --compile compiles: add --compile, or drop it")
+        return False, None
+    return True, mode or "default"
 
 
 # --- pieces of a run --------------------------------------------------------------------
@@ -240,6 +273,24 @@ def _model(cfg, num_classes: int, world: World, device) -> nn.Module:
     return model
 
 
+class Objective(nn.Module):
+    """A train step's forward: the loss of ``net`` on a batch (under autocast with
+    ``amp``, None for none) and how many of its predictions are right, both left on the
+    device. A module of its own so that ``--compile`` captures the loss and the count
+    in the model's graph, which under ``--cuda-graphs`` makes them part of the one CUDA
+    graph instead of small kernels launched from Python every step."""
+
+    def __init__(self, net: nn.Module, criterion: nn.Module, amp: torch.dtype | None):
+        super().__init__()
+        self.net, self.criterion, self.amp = net, criterion, amp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.net(x)
+            loss = self.criterion(logits.float(), y)
+        return loss, (logits.argmax(1) == y).sum()
+
+
 def _config(cfg, world: World, device, train_set, test_set, n_params: int) -> dict:
     """config.json: the resolved options and facts about the run, as plain JSON values."""
     config = {k: v for k, v in vars(cfg).items() if k not in INVOCATION_KEYS}
@@ -258,6 +309,10 @@ class Trainer:
     def __init__(self, cfg: argparse.Namespace, ckpt: dict | None, world: World, stop: _StopSignals):
         self.cfg, self.world, self.stop = cfg, world, stop
         self.device = resolve_device(cfg.device, world.local_rank)
+        self.cuda_graphs = cfg.compile_mode == "reduce-overhead"
+        if self.cuda_graphs and self.device.type != "cuda":
+            flag = "--cuda-graphs" if cfg.cuda_graphs else "--compile-mode reduce-overhead"
+            raise UserError(f"{flag} needs CUDA: CUDA graphs replay GPU work only; on {self.device} use --compile")
         self.amp = amp_dtype(cfg.amp, self.device)
         if cfg.workers:
             torch.set_num_threads(cfg.workers)
@@ -281,7 +336,14 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=cfg.compile_mode)   # evaluate() runs it
+        self.objective = Objective(self.net, self.criterion, self.amp)
+        if cfg.compile and world.size == 1:
+            # The step's graph takes in the loss (dynamo traces through the compiled net).
+            # Under DDP only the net is compiled, the way DDP supports: dynamo then splits
+            # its graph at DDP's gradient buckets (DDPOptimizer) so that the all-reduces
+            # overlap the backward.
+            self.objective = torch.compile(self.objective, mode=cfg.compile_mode)
         self.folder = RunFolder(cfg.out)
         self.config = _config(cfg, world, self.device, self.train_set, self.test_set, self.n_params)
         self.history, self.writer = [], None
@@ -381,23 +443,12 @@ class Trainer:
             sums += torch.tensor(self.accum["sums"], dtype=torch.float64, device=self.device)
             prev_seconds = self.accum["seconds"]
         bar = self._progress_bar(step0)
-        count0 = float(sums[2])
+        count0 = self.accum["sums"][2] if self.accum is not None else 0.0
         synchronize(self.device)
         t0 = time.perf_counter()
         step, stop = step0, False
         for step, (x, y) in enumerate(self.train_loader.batches(step0), start=step0):
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.net(x)
-                loss = self.criterion(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            with torch.no_grad():
-                sums[0] += loss.detach().double() * y.numel()
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += y.numel()
+            self._step(x, y, sums)
             sync = (step + 1) % 10 == 0 or step + 1 == self.steps_per_epoch
             if sync:
                 s = sums.tolist()
@@ -418,6 +469,27 @@ class Trainer:
         if bar is not None:
             bar.close()
         return sums, time.perf_counter() - t0 + prev_seconds, step + 1, stop
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+        """One optimisation step on the batch (x, y); adds its loss sum, correct
+        predictions and images to ``sums``. It reads nothing from the device (no
+        ``.item()``, ``float()``, ``bool()`` of a tensor), so the host queues step after
+        step without waiting, and CUDA graphs replay back to back; train_epoch reads
+        ``sums`` at its logging points. The exception is ``--amp fp16``: its gradient
+        scaler reads once a step whether the gradients overflowed, to skip that step."""
+        if self.cuda_graphs:
+            # The last step's outputs are summed already: their graph memory may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, correct = self.objective(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():
+            sums[0] += loss.detach().double() * y.numel()
+            sums[1] += correct
+            sums[2] += y.numel()
 
     def _progress_bar(self, step0: int):
         if not (self.world.main and self.cfg.progress and sys.stderr.isatty()):

@@ -1,14 +1,17 @@
 """hires_kernels.fuse: converting HierarchicalProjection(fused=False) and timm's
-ResNet-D ``downsample`` (AvgPool2d -> 1x1 conv -> BatchNorm) to the fused op."""
+ResNet-D ``downsample`` (AvgPool2d -> 1x1 conv -> BatchNorm) to the fused op, which
+runs as the compiled op (one call per direction)."""
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hires
 from hires_kernels import HierarchicalProjection, fuse, fused_projection
@@ -122,6 +125,104 @@ def test_fuse_backend_argument():
     assert model[0].backend == model[1].backend == "reference"
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         fuse(model, backend="fast")
+
+
+# --- timm's ResNet-D on the fast path ------------------------------------------------
+
+class ResNetDBottleneck(nn.Module):
+    """timm's ResNet-D Bottleneck (timm/models/resnet.py, avg_down=True) as fuse meets
+    it: 1x1 -> 3x3 (the stride) -> 1x1 convs with BatchNorms, plus downsample_avg's
+    shortcut, Sequential(AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False),
+    or Identity at stride 1; 1x1 conv; BatchNorm2d), added in place as timm adds it."""
+
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        c_out = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+        self.downsample = nn.Sequential(pool, nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        shortcut = self.downsample(x)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        x += shortcut
+        return torch.relu(x)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher at the top level (a fused op's inner
+    work does not show)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _check_fast_path(model: nn.Module, x: torch.Tensor, downsamples: int) -> None:
+    """fuse() turns each of ``model``'s ``downsample`` shortcuts, and nothing else, into a
+    FusedPoolConvBN; in float64, outputs and every gradient of a train and an eval
+    forward + backward, and the state_dict (running statistics, batch counts), equal the
+    unfused model's; a train forward + backward dispatches the compiled op, one
+    ``hires.projection`` and one ``hires.projection_backward`` per shortcut, and no
+    avg_pool2d (which the unfused model runs)."""
+    reference = model.double()
+    fused = copy.deepcopy(reference)
+    report = fuse(fused)
+    shortcuts = [name for name, _ in fused.named_modules() if name.endswith(".downsample")]
+    assert len(shortcuts) == downsamples and [c.name for c in report] == shortcuts, report
+    assert all(isinstance(fused.get_submodule(name), FusedPoolConvBN) for name in shortcuts)
+    x = x.double()
+    counted = {}
+    for train in (True, False):
+        for key, net in (("fused", fused), ("reference", reference)):
+            with _CountOps() as mode:
+                counted[key] = (*_run(net, x, train), mode.counts)
+            net.zero_grad()
+        (out, grads, ops), (out_ref, grads_ref, ops_ref) = counted["fused"], counted["reference"]
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-10, msg=name)
+        if train:
+            assert ops["hires.projection"] == ops["hires.projection_backward"] == downsamples, ops
+            assert ops["aten.avg_pool2d"] == ops["aten.avg_pool2d_backward"] == 0, ops
+            assert ops_ref["aten.avg_pool2d"] > 0 and ops_ref["hires.projection"] == 0, ops_ref
+    for (name, a), b in zip(fused.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+needs_extension = pytest.mark.skipif(not hasattr(torch.ops.hires, "projection"),
+                                     reason="the C++ extension is not built")
+
+
+@needs_extension
+def test_resnet_d_shortcuts_run_the_compiled_op():
+    """timm's ResNet-D pattern built by hand, so that it is tested where timm is not
+    installed (timm needs torchvision): a stride-1 shortcut (Identity pool) and two
+    stride-2 ones with ceil-mode windows (odd sizes, 15 -> 8 -> 4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          ResNetDBottleneck(8, 4, 1), ResNetDBottleneck(16, 8, 2), ResNetDBottleneck(32, 8, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    _check_fast_path(model, torch.randn(2, 3, 15, 15), downsamples=3)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ["resnet26d", "resnet50d"])
+def test_timm_resnet_d_runs_the_compiled_op(name):
+    """At 40x40 the shortcuts of layers 3 and 4 pool 5x5 -> 3x3 and 3x3 -> 2x2: ceil-mode
+    windows that are cut short."""
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    torch.manual_seed(0)
+    _check_fast_path(timm.create_model(name, pretrained=False, num_classes=10), torch.randn(2, 3, 40, 40),
+                     downsamples=4)
 
 
 # --- timm (not installed on the CPU machine; runs where it is) ---------------------

@@ -39,9 +39,10 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
 
 
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """uint8 ``[N, 3, H, W]`` -> float32 ``(x / 255 - mean) / std``."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    """uint8 ``[N, 3, H, W]`` -> float32 ``(x / 255 - mean) / std``; ``mean`` and ``std``
+    are sequences or float32 tensors on x's device (which are used as they are)."""
+    m = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     out = (x.float() / 255.0 - m) / s
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
 
@@ -64,7 +65,10 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
-        self.mean, self.std, self.flip = data.mean, data.std, data.flip
+        # On the device once: made from Python floats at every batch, they would be a
+        # blocking copy to the GPU, which waits for the queued work, once a step.
+        self.mean, self.std = (torch.tensor(v, device=self.device, dtype=torch.float32) for v in (data.mean, data.std))
+        self.flip = data.flip
         self.batch_size, self.train, self.seed, self.pad = batch_size, train, seed, pad
         self.rank, self.world, self.channels_last, self.augment = rank, world, channels_last, augment
         self.epoch = 0
