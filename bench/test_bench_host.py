@@ -7,7 +7,7 @@ whether the fused op beats the eager modules it replaces (BENCHMARKS.md "Host co
 * op: N=2, 4 -> 8 channels, 4x4, stride 2, with a residual: training forward + backward
   and eval forward, ``fused_projection(backend="cpu")`` against the eager composition.
 * step: one SGD train step of a narrow ResNet-18 and HiResNet-18 (planes 4/8/16/32,
-  stem 4, sources="all", fused and eager) on a 2x3x8x8 batch.
+  stem 4, sources "all" and "stem", fused and eager) on a 2x3x8x8 batch.
 
 report: ``x_eager`` (op) and ``ratio_to_resnet18`` (step) are filled in from the run's
 own eager / ResNet-18 case, which runs first.
@@ -84,13 +84,16 @@ def test_host_projection(benchmark, request, one_thread, mode, provider):
         info["x_eager"] = info["ms"] / _BASELINE[key]
 
 
-@pytest.mark.parametrize("name,fused", [("resnet18", False), ("hiresnet18", False), ("hiresnet18", True)],
-                         ids=["resnet18", "hiresnet18-all-eager", "hiresnet18-all-fused"])
-def test_host_model_step(benchmark, request, one_thread, name, fused):
+STEP_MODELS = [("resnet18", None, False)] + [("hiresnet18", s, f) for s in ("all", "stem") for f in (False, True)]
+
+
+@pytest.mark.parametrize("name,sources,fused", STEP_MODELS,
+                         ids=[n if s is None else f"{n}-{s}-{'fused' if f else 'eager'}" for n, s, f in STEP_MODELS])
+def test_host_model_step(benchmark, request, one_thread, name, sources, fused):
     if _IMPORT_ERROR:
         pytest.skip(_IMPORT_ERROR)
     torch.manual_seed(0)
-    kwargs = dict(NARROW, sources="all", fused=fused) if name == "hiresnet18" else dict(NARROW)
+    kwargs = dict(NARROW, sources=sources, fused=fused) if name == "hiresnet18" else dict(NARROW)
     model = hires.create_model(name, num_classes=10, **kwargs).train()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)
@@ -102,7 +105,7 @@ def test_host_model_step(benchmark, request, one_thread, name, fused):
         opt.step()
 
     info = benchmark.extra_info
-    label = name if name == "resnet18" else f"{name}-all-{'fused' if fused else 'eager'}"
+    label = name if name == "resnet18" else f"{name}-{sources}-{'fused' if fused else 'eager'}"
     info.update(level="host-step", device="cpu", model=label, input="2x3x8x8", threads=1,
                 params=sum(p.numel() for p in model.parameters()))
     info.update(_util.run_benchmark(benchmark, step, "cpu", request.config, warmup_calls=10))
