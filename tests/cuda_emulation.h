@@ -69,12 +69,20 @@ inline unsigned char* emu_dynamic_smem = nullptr;
 #define HIRES_DYNAMIC_SHARED(name) unsigned char* name = emu_dynamic_smem
 
 // Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
-// store_act, load_param and store_param), summed per launch into emu_traffic_log.
-inline thread_local int64_t emu_thread_bytes[4];
-#define HIRES_TRAFFIC(kind, bytes) (emu_thread_bytes[kind] += static_cast<int64_t>(bytes))
+// store_act, load_param and store_param), summed per launch into emu_launches. Those that
+// fall inside the storage of the tensor given to watch() are also counted apart (reads,
+// writes), so a test can tell which launches touch that one tensor.
+inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2];
+inline uintptr_t emu_watch_begin = 0, emu_watch_end = 0;
+inline void emu_count(int kind, const void* address, int64_t bytes) {
+  emu_thread_bytes[kind] += bytes;
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  if (a >= emu_watch_begin && a < emu_watch_end) emu_thread_watched[kind % 2] += bytes;  // kinds: read, write, ...
+}
+#define HIRES_TRAFFIC(kind, address, bytes) emu_count(kind, address, static_cast<int64_t>(bytes))
 struct EmuLaunchRecord {
   std::string name;
-  int64_t bytes[4];
+  int64_t bytes[4], watched[2];
   unsigned blocks, threads;
   size_t smem;
 };
@@ -164,7 +172,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
   // that nothing wrote shows up in the results.
   std::vector<unsigned char> smem(dynamic_smem + 16);
   emu_dynamic_smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-  EmuLaunchRecord record{name, {0, 0, 0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
   if (emu_dry_run) {
     const std::lock_guard<std::mutex> lock(emu_launches_mutex);
     emu_launches.push_back(record);
@@ -178,6 +186,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
     threads.emplace_back([&, t] {
       threadIdx = {t, 0, 0};
       for (auto& b : emu_thread_bytes) b = 0;
+      for (auto& b : emu_thread_watched) b = 0;
       for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
           for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -189,24 +198,32 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
           }
       const std::lock_guard<std::mutex> lock(emu_launches_mutex);
       for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
+      for (int i = 0; i < 2; ++i) record.watched[i] += emu_thread_watched[i];
     });
   for (auto& th : threads) th.join();
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   emu_launches.push_back(record);
 }
 
-// "name blocks threads dynamic_smem act_read act_write param_read param_write" per launch
-// since the last call.
+// "name blocks threads dynamic_smem act_read act_write param_read param_write
+// watched_read watched_write" per launch since the last call.
 inline std::string emu_traffic() {
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   std::string log;
   for (const auto& r : emu_launches) {
     log += r.name + " " + std::to_string(r.blocks) + " " + std::to_string(r.threads) + " " + std::to_string(r.smem);
     for (int64_t b : r.bytes) log += " " + std::to_string(b);
+    for (int64_t b : r.watched) log += " " + std::to_string(b);
     log += "\n";
   }
   emu_launches.clear();
   return log;
+}
+
+// From now on, accesses inside t's storage are counted apart (an empty t: none are).
+inline void emu_watch(const at::Tensor& t) {
+  emu_watch_begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  emu_watch_end = emu_watch_begin + t.storage().nbytes();
 }
 
 inline void emu_set_dry_run(bool on) { emu_dry_run = on; }
@@ -214,6 +231,7 @@ inline void emu_set_sm_count(int64_t sms) { emu_sm_count = static_cast<int>(sms)
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
+  m.def("watch", &emu_watch);
   m.def("set_dry_run", &emu_set_dry_run);
   m.def("set_sm_count", &emu_set_sm_count);
 }

@@ -148,17 +148,25 @@ class Problem:
                         else (None, None))
         self.grad_out = rnd(n, c_out, ho, wo, dt=dtype).contiguous(memory_format=fmt)
 
-    def run_kernels(self, ops):
-        """(out, grads, running stats after the call) from the emulated CUDA op."""
+    def forward(self, ops):
+        """The emulated CUDA op's results and the running statistics it updated (copies)."""
         rm, rv = (t.clone() if t is not None else None for t in self.running)
-        out, saved, y, shift, mean, var = ops.projection(
-            self.x, self.weight, self.gamma, self.beta, rm, rv, self.residual, self.stride, self.ceil,
-            self.training, self.momentum, self.eps)
-        assert y.numel() == 0 and (saved.numel() == 0) == (self.stride == 1)
-        grads = ops.projection_backward(
+        results = ops.projection(self.x, self.weight, self.gamma, self.beta, rm, rv, self.residual, self.stride,
+                                 self.ceil, self.training, self.momentum, self.eps)
+        return results, (rm, rv)
+
+    def backward(self, ops, results):
+        _, saved, y, shift, mean, var = results
+        return ops.projection_backward(
             self.grad_out, self.x if self.stride == 1 else saved, y, shift, self.weight, self.gamma, mean, var,
             self.stride, self.ceil, self.h, self.w, self.training, self.eps)
-        return out, grads, (rm, rv)
+
+    def run_kernels(self, ops):
+        """(out, grads, running stats after the call) from the emulated CUDA op."""
+        results, running = self.forward(ops)
+        out, saved, y = results[:3]
+        assert y.numel() == 0 and (saved.numel() == 0) == (self.stride == 1)
+        return out, self.backward(ops, results), running
 
     def run_eager(self, dtype):
         """The same through eager torch ops in `dtype` (activations) with autograd."""
@@ -198,6 +206,11 @@ def check(problem: Problem, ops, dtype, tol):
     if problem.training and ref_stats[0] is not None:
         pairs += [("running_mean", got_stats[0], ref_stats[0], same[2][0]),
                   ("running_var", got_stats[1], ref_stats[1], same[2][1])]
+    assert_within(pairs, tol)
+
+
+def assert_within(pairs, tol):
+    """(name, kernels' result, float64 oracle, eager in the same dtype) each within tol."""
     for name, a, b, c in pairs:
         err = rel(a, b)
         bound = tol(name, rel(c, b))
@@ -290,3 +303,122 @@ def test_emulated_cuda_running_stats_strided_view(emulated_ops):
     assert all(bool((t[1::2] == 7.0).all()) for t in storage)
     for view, ref in zip(views, expected):
         assert rel(view, ref) <= 1e-5
+
+
+# --- every projection of one source (hires::projections) ------------------------------
+
+
+class Source:
+    """One source x and its targets, (C_out, stride) each: a Problem per target (without a
+    residual: the targets' blocks add it), all on the first one's x."""
+
+    def __init__(self, n, c_in, h, w, targets, *, ceil=False, training=True, how="nchw", dtype=torch.float64,
+                 seed=0):
+        self.problems = [Problem(n, c_in, c_out, h, w, s, ceil=ceil, training=training, how=how, residual=False,
+                                 dtype=dtype, seed=seed + t) for t, (c_out, s) in enumerate(targets)]
+        for p in self.problems[1:]:
+            p.x = self.problems[0].x
+        self.x, self.strides = self.problems[0].x, [p.stride for p in self.problems]
+        self.ceil, self.training, self.h, self.w = ceil, training, h, w
+
+    def lists(self, *names):
+        return [[getattr(p, name) for p in self.problems] for name in names]
+
+    def forward(self, ops):
+        """The op's results and the running statistics it updated (copies of the problems')."""
+        running = [[p.running[i].clone() for p in self.problems] for i in (0, 1)]
+        weight, gamma, beta, momentum, eps = self.lists("weight", "gamma", "beta", "momentum", "eps")
+        results = ops.projections(self.x, weight, gamma, beta, *running, self.strides, self.ceil, self.training,
+                                  momentum, eps)
+        return results, running
+
+    def backward(self, ops, results):
+        _, saved, y, shift, mean, var = results
+        # Where s = 1 the op saved nothing: backward takes x itself, as csrc/autograd.cpp passes it.
+        saved = [self.x if s == 1 else t for s, t in zip(self.strides, saved)]
+        grad_out, weight, gamma, eps = self.lists("grad_out", "weight", "gamma", "eps")
+        return ops.projections_backward(grad_out, saved, y, shift, weight, gamma, mean, var, self.strides,
+                                        self.ceil, self.h, self.w, self.training, eps)
+
+    def run_eager(self, dtype):
+        """Each target's eager run, and grad_x summed over the targets in `dtype` as autograd sums it."""
+        runs = [p.run_eager(dtype) for p in self.problems]
+        return runs, functools.reduce(torch.add, (r[1][0] for r in runs))
+
+
+def check_source(source: Source, ops, dtype, tol):
+    results, running = source.forward(ops)
+    out, saved, y = results[:3]
+    assert all(t.numel() == 0 for t in y)
+    assert [t.numel() == 0 for t in saved] == [s == 1 for s in source.strides]
+    pointers = [t.data_ptr() for t in saved if t.numel()]
+    assert len(set(pointers)) == len(pointers), "two targets' saved inputs alias"
+    grad_x, grad_w, grad_gamma, grad_beta = source.backward(ops, results)
+    ref, ref_grad_x = source.run_eager(torch.float64)
+    same, same_grad_x = source.run_eager(dtype) if dtype != torch.float64 else (ref, ref_grad_x)
+    fmt = torch.channels_last if source.problems[0].channels_last else torch.contiguous_format
+    assert grad_x.dtype == source.x.dtype and grad_x.is_contiguous(memory_format=fmt)
+    pairs = [("grad_x", grad_x, ref_grad_x, same_grad_x)]
+    for t, (r, e) in enumerate(zip(ref, same)):
+        assert out[t].dtype == source.x.dtype and out[t].is_contiguous(memory_format=fmt)
+        pairs += [(f"out[{t}]", out[t], r[0], e[0]), (f"grad_weight[{t}]", grad_w[t], r[1][1], e[1][1]),
+                  (f"grad_bn_weight[{t}]", grad_gamma[t], r[1][2], e[1][2]),
+                  (f"grad_bn_bias[{t}]", grad_beta[t], r[1][3], e[1][3])]
+        if source.training:
+            pairs += [(f"running_mean[{t}]", running[0][t], r[2][0], e[2][0]),
+                      (f"running_var[{t}]", running[1][t], r[2][1], e[2][1])]
+    assert_within(pairs, tol)
+
+
+# (N, C_in, H, W, targets) and options: partial windows (ceil) and windows past the coarser
+# ones (floor: 7x9 at strides 2 and 4, 17x37 at 2, 4 and 8), a stride-1 target, repeated
+# strides (stride 1 repeated: no pooling at all), a strided x. 17x37 in NCHW and C_in = 70
+# in channels_last span several pooling tiles along the row and across channels.
+SOURCE_CASES = [
+    ((2, 3, 7, 9, [(5, 2), (4, 4)]), dict(ceil=True, training=True, how="nchw")),
+    ((2, 3, 7, 9, [(5, 2), (4, 4)]), dict(ceil=False, training=True, how="channels_last")),
+    ((2, 3, 7, 9, [(5, 2), (4, 4)]), dict(ceil=False, training=False, how="nchw")),
+    ((2, 3, 7, 9, [(5, 2), (4, 4)]), dict(ceil=True, training=False, how="channels_last")),
+    ((2, 3, 7, 9, [(5, 1), (4, 2), (6, 4)]), dict(ceil=False, training=True, how="channels_last")),
+    ((2, 3, 7, 9, [(5, 1), (4, 2), (6, 4)]), dict(ceil=True, training=False, how="strided")),
+    ((2, 3, 7, 9, [(5, 2), (4, 4), (6, 8)]), dict(ceil=True, training=True, how="channels_last")),
+    ((2, 3, 17, 37, [(5, 2), (4, 4), (6, 8)]), dict(ceil=False, training=True, how="nchw")),
+    ((2, 70, 7, 9, [(5, 2), (4, 2)]), dict(ceil=True, training=True, how="channels_last")),
+    ((2, 3, 7, 9, [(5, 2), (4, 2)]), dict(ceil=False, training=False, how="nchw")),
+    ((2, 3, 7, 9, [(5, 1), (4, 1)]), dict(ceil=False, training=True, how="channels_last")),
+]
+
+
+def _source_id(case):
+    (n, c, h, w, targets), opts = case
+    strides = "-".join(str(s) for _, s in targets)
+    return (f"{n}x{c}x{h}x{w}-s{strides}-{'ceil' if opts['ceil'] else 'floor'}-"
+            f"{'train' if opts['training'] else 'eval'}-{opts['how']}")
+
+
+@pytest.mark.parametrize("shape,opts", SOURCE_CASES, ids=[_source_id(c) for c in SOURCE_CASES])
+def test_emulated_projections_match_float64_oracle(emulated_ops, shape, opts):
+    check_source(Source(*shape, **opts), emulated_ops, torch.float64, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("how", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_emulated_projections_low_precision(emulated_ops, dtype, how, training):
+    source = Source(2, 9, 7, 9, [(7, 1), (6, 2), (5, 4)], ceil=True, training=training, how=how, dtype=dtype,
+                    seed=3)
+    check_source(source, emulated_ops, dtype, _within_eager(dtype))
+
+
+LARGE_TILE_CASES = [SOURCE_CASES[7], SOURCE_CASES[8]]
+
+
+@pytest.mark.parametrize("shape,opts", LARGE_TILE_CASES, ids=[_source_id(c) for c in LARGE_TILE_CASES])
+def test_emulated_projections_large_pool_tiles(emulated_ops, shape, opts):
+    """With one SM the pooling tiles take up to 4096 pixels of x (whole rows of blocks,
+    several channels), as full-size problems do on a GPU; the cases above run the smallest."""
+    emulated_ops.set_sm_count(1)
+    try:
+        check_source(Source(*shape, **opts), emulated_ops, torch.float64, exact)
+    finally:
+        emulated_ops.set_sm_count(132)

@@ -18,6 +18,11 @@ the most partials per sample of any choice: an upper bound for the full-size run
 Grids. A dry run (launches recorded, not run) of every SPEC shape at full size gives each
 launch's grid as the launch heuristics pick it for a 132-SM GPU.
 
+Per source. hires::projections of HiResNet-18's x_0 (64@32 -> 128@16, 256@8, 512@4) against
+the three single-target calls, in both layouts. The emulation also counts apart the bytes
+that fall inside one watched tensor, x: its forward reads x once (the pooling launch alone),
+and its backward writes grad_x once (the unpooling launch).
+
 `python tests/test_cuda_traffic.py` prints the tables of bench/results/cuda_traffic.md.
 """
 
@@ -32,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_cuda_emulated import Problem, build_emulated_ops, emulated_ops  # noqa: E402,F401
+from test_cuda_emulated import Problem, Source, build_emulated_ops, emulated_ops  # noqa: E402,F401
 
 # (C_in, H, C_out, H', N): SPEC §4.
 SPEC_SHAPES = [(64, 32, 128, 16, 256), (64, 32, 256, 8, 256), (64, 32, 512, 4, 256), (128, 16, 256, 8, 256),
@@ -44,27 +49,29 @@ TARGET = {True: 1.5, False: 1.2}
 
 
 def launches(ops) -> list[dict]:
-    """The launches since the last call: kernel, blocks, threads, smem and bytes."""
+    """The launches since the last call: kernel, blocks, threads, smem and bytes (those of
+    the watched tensor apart)."""
     rows = []
     for line in ops.traffic().splitlines():
         name, blocks, threads, smem, *b = line.split()
         rows.append(dict(name=name, blocks=int(blocks), threads=int(threads), smem=int(smem),
-                         act=int(b[0]) + int(b[1]), param=int(b[2]) + int(b[3])))
+                         act_read=int(b[0]), act_write=int(b[1]), act=int(b[0]) + int(b[1]),
+                         param=int(b[2]) + int(b[3]), watched_read=int(b[4]), watched_write=int(b[5])))
     return rows
 
 
 def run(ops, c_in, h, c_out, ho, n, training):
     """(forward launches, backward launches) of one call each, training or eval."""
-    s = h // ho
-    problem = Problem(n, c_in, c_out, h, h, s, training=training, how="channels_last", dtype=torch.bfloat16, seed=5)
+    return run_problem(ops, Problem(n, c_in, c_out, h, h, h // ho, training=training, how="channels_last",
+                                    dtype=torch.bfloat16, seed=5))
+
+
+def run_problem(ops, problem):
+    """(forward launches, backward launches) of a Problem or a Source."""
     launches(ops)
-    rm, rv = (t.clone() for t in problem.running)
-    out, saved, y, shift, mean, var = ops.projection(
-        problem.x, problem.weight, problem.gamma, problem.beta, rm, rv, problem.residual, s, False, training,
-        0.1, 1e-5)
+    results, _ = problem.forward(ops)
     fwd = launches(ops)
-    ops.projection_backward(problem.grad_out, problem.x if s == 1 else saved, y, shift, problem.weight,
-                            problem.gamma, mean, var, s, False, h, h, training, 1e-5)
+    problem.backward(ops, results)
     return fwd, launches(ops)
 
 
@@ -167,6 +174,79 @@ def tables(ops) -> str:
     return "\n".join(out)
 
 
+# --- every projection of one source (hires::projections) ------------------------------
+
+# HiResNet-18's x_0 (64 channels at 32x32) and the three stages it feeds with sources="all".
+SOURCE = (64, 32, [(128, 2), (256, 4), (512, 8)])
+LAYOUTS = ["channels_last", "nchw"]
+
+
+def source_launches(ops, n, how):
+    """Training launches of the per-source op and of the three single-target calls on the
+    same inputs (bf16, no residual), x watched: ((fwd, bwd) of the op, (fwd, bwd) of the calls)."""
+    c_in, h, targets = SOURCE
+    source = Source(n, c_in, h, h, targets, how=how, dtype=torch.bfloat16, seed=5)
+    ops.watch(source.x)
+    try:
+        calls = [run_problem(ops, p) for p in source.problems]
+        return run_problem(ops, source), tuple([r for call in calls for r in call[i]] for i in (0, 1))
+    finally:
+        ops.watch(torch.empty(0))
+
+
+def source_bytes(n):
+    """(x, the pooled inputs, the outputs) in bytes."""
+    c_in, h, targets = SOURCE
+    return (n * c_in * h * h * ELT, sum(n * c_in * (h // s) ** 2 * ELT for _, s in targets),
+            sum(n * c_out * (h // s) ** 2 * ELT for c_out, s in targets))
+
+
+def total(rows, key, kernel=None):
+    return sum(r[key] for r in rows if kernel in (None, r["name"]))
+
+
+@pytest.mark.parametrize("how", LAYOUTS)
+def test_source_read_once_in_forward_and_its_gradient_written_once_in_backward(emulated_ops, how):
+    (fwd, bwd), (_, calls_bwd) = source_launches(emulated_ops, 1, how)
+    x, pooled, _ = source_bytes(1)
+    pool = [r for r in fwd if r["name"] == "pool_many_kernel"]
+    assert len(pool) == 1 and pool[0]["act_read"] == pool[0]["watched_read"] == x
+    assert total(fwd + bwd, "watched_read") == x, "x read by another launch"
+    assert total(fwd + bwd, "watched_write") == 0
+    unpool = [r for r in bwd if r["name"] == "unpool_sum_kernel"]
+    assert len(unpool) == 1 and unpool[0]["act_write"] == x
+    # The other backward launches are the targets' own at stride 1: they write what the
+    # single-target calls write, with each target's grad of its pooled input in place of
+    # a grad_x.
+    assert total(bwd, "act_write") - x == total(calls_bwd, "act_write") - len(SOURCE[2]) * x + pooled
+
+
+def source_table(ops) -> str:
+    """Per sample (N = 2 minus N = 1), training: the per-source op against the three
+    single-target calls, and against the floor (forward: x read, the outputs written;
+    backward: the grad_outs and x read, grad_x written)."""
+    x, _, outs = source_bytes(1)
+    floor = (x + outs, outs + 2 * x)
+    out = ["| layout | pass | per-source op B/sample (x floor) | 3 single-target calls B/sample (x floor) "
+           "| saved by the op | x read (fwd) / grad_x written (bwd): op vs calls |", "|---|---|---|---|---|---|"]
+    for how in LAYOUTS:
+        runs = {n: source_launches(ops, n, how) for n in (1, 2)}
+        for i, name in enumerate(("forward", "backward")):
+            def slope(which, key, kernel=None):
+                return total(runs[2][which][i], key, kernel) - total(runs[1][which][i], key, kernel)
+
+            mine, theirs = slope(0, "act"), slope(1, "act")
+            # grad_x: the unpooling launch's write; each single-target call writes one (x).
+            x_mine = slope(0, "watched_read") if i == 0 else slope(0, "act_write", "unpool_sum_kernel")
+            x_theirs = slope(1, "watched_read") if i == 0 else len(SOURCE[2]) * x
+            out.append(f"| {how} | {name} | {mine:,} ({mine / floor[i]:.2f}x) | {theirs:,} ({theirs / floor[i]:.2f}x) "
+                       f"| {theirs - mine:,} ({1 - mine / theirs:.0%}) | {x_mine // x} x vs {x_theirs // x} x |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     assert shutil.which("ninja"), "ninja is needed to build the emulated CUDA kernels"
-    print(tables(build_emulated_ops(os.path.join(tempfile.mkdtemp(), "cuda_emulated"))))
+    ops = build_emulated_ops(os.path.join(tempfile.mkdtemp(), "cuda_emulated"))
+    print(tables(ops))
+    print()
+    print(source_table(ops))

@@ -1,6 +1,9 @@
 // CUDA kernels of the fused projection: avgpool_s(x - shift) -> 1x1 conv -> BatchNorm
 // (-> + residual), forward and backward, registered as the CUDA kernels of hires::projection
-// and hires::projection_backward (csrc/ops.cpp: the schema and what each result means).
+// and hires::projection_backward (csrc/ops.cpp: the schema and what each result means), and
+// of hires::projections / projections_backward, every projection of one source (its pooling
+// kernels PM and PU at the end of the device code; csrc/projections.h composes them with
+// the launches below, run at stride 1 on each pooled input).
 // Every per-call step runs on the GPU: the data shift, the statistics, the running-statistics
 // update and eval's corrections. The math is that of hires_kernels/backends/reference.py.
 //
@@ -70,12 +73,15 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../projection_args.h"
+#include "../projections.h"
 
 namespace hires_cuda {
 
@@ -94,18 +100,18 @@ constexpr int FIN_THREADS = 256;
 // grows with the batch (activations, their workspaces, per-tile partials); "param" is
 // the weight and per-channel vectors (L2-resident, re-read by every block).
 #ifndef HIRES_TRAFFIC
-#define HIRES_TRAFFIC(kind, bytes) ((void)0)
+#define HIRES_TRAFFIC(kind, address, bytes) ((void)0)
 #endif
 enum TrafficKind { ACT_READ = 0, ACT_WRITE = 1, PARAM_READ = 2, PARAM_WRITE = 3 };
 
 template <int KIND, typename V>
 __device__ __forceinline__ V counted_load(const V* p) {
-  HIRES_TRAFFIC(KIND, sizeof(V));
+  HIRES_TRAFFIC(KIND, p, sizeof(V));
   return *p;
 }
 template <int KIND, typename V>
 __device__ __forceinline__ void counted_store(V* p, V v) {
-  HIRES_TRAFFIC(KIND, sizeof(V));
+  HIRES_TRAFFIC(KIND, p, sizeof(V));
   *p = v;
 }
 template <typename V> __device__ __forceinline__ V load_act(const V* p) { return counted_load<ACT_READ>(p); }
@@ -651,6 +657,176 @@ __global__ void shift_kernel(Act<const scalar_t> x, int C, int H, int W, int s, 
 }
 
 // ---------------------------------------------------------------------------------
+// Every projection of one source (hires::projections, csrc/projections.h): x pooled once
+// for every target's stride, and one grad_x written from every target's gradient of its
+// pooled input. The single-projection kernels above then run at stride 1 on each pooled
+// input.
+//
+// The distinct strides > 1 are the levels s_0 < ... < s_{L-1} = S; each divides the next,
+// so x cut into blocks of S x S pixels puts every window of every level inside one block.
+// A tile (one thread block) is cc channels of one image by a band of S rows and bw blocks
+// of columns; its per-window values of every level stay in shared memory, each level's
+// buffer [cc][S / s][bw S / s] stored in the activations' order (channel fastest in
+// channels_last, column fastest in NCHW), so that the thread that owns an element also
+// owns the global address of its layout and consecutive threads touch consecutive
+// addresses. Level 0 is built from x, level l from level l - 1 (sums of whole windows, in a
+// fixed order); an average divides by the pixels its window covers (avg_pool2d without
+// padding: ceil mode's last windows are partial). In floor mode a finer window may reach
+// past the coarser ones, and trailing pixels no window covers get a zero gradient.
+// PM pool_many_kernel   x read once (the pixels the finest windows cover), every level's
+//    average written once.
+// PU unpool_sum_kernel  every level's gradient read once (and a stride-1 gradient, x-sized),
+//    grad_x written once: grad_x(h, w) = g_1(h, w) + sum_l g_l(window of (h, w)) / covered.
+
+constexpr int kMaxLevels = 8;  // a ninth level would need a stride of at least 512
+
+struct PoolGeometry {
+  int L, S;                                              // levels; S = s_{L-1} (1 without levels)
+  int s[kMaxLevels], ho[kMaxLevels], wo[kMaxLevels];     // each level's stride and pooled size
+  int C, H, W;
+  int cc, bw, c_tiles, w_tiles, h_tiles;                 // tiles: cc channels x bw blocks of S x S
+  bool cfast;                                            // channels_last
+};
+
+// Offsets (in acc_t elements) of a tile's shared buffers: one per level, then (pool_many)
+// the column sums of x over the rows of each level-0 window [cc][S / s_0][bw S].
+struct PoolSmem {
+  int64_t level[kMaxLevels], columns, total;
+  __host__ __device__ PoolSmem(const PoolGeometry& g, bool with_columns) {
+    int64_t at = 0;
+    for (int l = 0; l < g.L; ++l) {
+      level[l] = at;
+      at += (int64_t)g.cc * (g.S / g.s[l]) * (g.bw * g.S / g.s[l]);
+    }
+    columns = at;
+    if (with_columns && g.L > 0) at += (int64_t)g.cc * (g.S / g.s[0]) * g.bw * g.S;
+    total = at;
+  }
+};
+
+template <typename T>
+struct LevelActs {
+  Act<T> t[kMaxLevels];
+};
+
+// The tile of this block: image n, channels from c0, input rows from h0, columns from w0.
+struct PoolTile {
+  int n, c0, h0, w0;
+  __device__ explicit PoolTile(const PoolGeometry& g) {
+    int t = (int)blockIdx.x;
+    const int ct = t % g.c_tiles;
+    t /= g.c_tiles;
+    const int wt = t % g.w_tiles;
+    t /= g.w_tiles;
+    n = t / g.h_tiles;
+    c0 = ct * g.cc;
+    h0 = t % g.h_tiles * g.S;
+    w0 = wt * g.bw * g.S;
+  }
+};
+
+// Element (c, r, col) of a [cc][rows][cols] tile buffer at position e in the activations'
+// order, and back.
+struct TileIndex {
+  int c, r, col;
+};
+__device__ __forceinline__ TileIndex tile_index(int e, int cc, int rows, int cols, bool cfast) {
+  if (cfast) return {e % cc, e / cc / cols, e / cc % cols};
+  return {e / (rows * cols), e / cols % rows, e % cols};
+}
+__device__ __forceinline__ int tile_offset(int c, int r, int col, int cc, int rows, int cols, bool cfast) {
+  return cfast ? (r * cols + col) * cc + c : (c * rows + r) * cols + col;
+}
+
+// Pixels a window of stride s starting at o * s covers along a side of n pixels.
+__device__ __forceinline__ int covered(int o, int s, int n) { return min(s, n - o * s); }
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const scalar_t> x,
+                                                        LevelActs<scalar_t> out) {
+  HIRES_DYNAMIC_SHARED(smem);
+  const PoolSmem L(g, true);
+  acc_t* sums = reinterpret_cast<acc_t*>(smem);
+  const PoolTile t(g);
+  const int s0 = g.s[0], X = g.bw * g.S;
+  // Only the pixels the level-0 windows cover are read (floor mode leaves the others).
+  const int h_end = min(g.H, g.ho[0] * s0), w_end = min(g.W, g.wo[0] * s0);
+  acc_t* columns = sums + L.columns;
+  for (int e = threadIdx.x; e < g.cc * (g.S / s0) * X; e += NT) {
+    const TileIndex i = tile_index(e, g.cc, g.S / s0, X, g.cfast);
+    const int c = t.c0 + i.c, h0 = t.h0 + i.r * s0, w = t.w0 + i.col;
+    acc_t sum = 0;
+    if (c < g.C && w < w_end)
+      for (int h = h0; h < min(h0 + s0, h_end); ++h)
+        sum += static_cast<acc_t>(load_act(x.ptr + x.offset(t.n, c, h, w)));
+    columns[e] = sum;
+  }
+  __syncthreads();
+  for (int l = 0; l < g.L; ++l) {
+    const int s = g.s[l], rows = g.S / s, cols = X / s;
+    // A window's parts: level 0 adds s_0 column sums, level l the q x q windows of level l - 1.
+    const int qr = l == 0 ? 1 : s / g.s[l - 1], qc = l == 0 ? s : qr;
+    const acc_t* part = l == 0 ? columns : sums + L.level[l - 1];
+    acc_t* mine = sums + L.level[l];
+    for (int e = threadIdx.x; e < g.cc * rows * cols; e += NT) {
+      const TileIndex i = tile_index(e, g.cc, rows, cols, g.cfast);
+      acc_t sum = 0;
+      for (int a = 0; a < qr; ++a)
+        for (int b = 0; b < qc; ++b)
+          sum += part[tile_offset(i.c, i.r * qr + a, i.col * qc + b, g.cc, rows * qr, cols * qc, g.cfast)];
+      mine[e] = sum;
+      const int c = t.c0 + i.c, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
+      if (c < g.C && oh < g.ho[l] && ow < g.wo[l]) {
+        const acc_t count = static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W));
+        store_act(out.t[l].ptr + out.t[l].offset(t.n, c, oh, ow), static_cast<scalar_t>(sum / count));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelActs<const scalar_t> grad,
+                                                         Act<const scalar_t> full, Act<scalar_t> grad_x) {
+  HIRES_DYNAMIC_SHARED(smem);
+  const PoolSmem L(g, false);
+  acc_t* vals = reinterpret_cast<acc_t*>(smem);
+  const PoolTile t(g);
+  const int X = g.bw * g.S;
+  // Per window, coarsest first: its gradient's share of each pixel it covers plus its
+  // parent's value. A window that does not exist holds 0: in floor mode a finer window
+  // that reaches past the coarser ones finds its parent 0.
+  for (int l = g.L - 1; l >= 0; --l) {
+    const int s = g.s[l], rows = g.S / s, cols = X / s;
+    const int q = l + 1 < g.L ? g.s[l + 1] / s : 1;
+    acc_t* mine = vals + L.level[l];
+    for (int e = threadIdx.x; e < g.cc * rows * cols; e += NT) {
+      const TileIndex i = tile_index(e, g.cc, rows, cols, g.cfast);
+      const int c = t.c0 + i.c, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
+      acc_t v = 0;
+      if (c < g.C && oh < g.ho[l] && ow < g.wo[l]) {
+        const acc_t count = static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W));
+        v = static_cast<acc_t>(load_act(grad.t[l].ptr + grad.t[l].offset(t.n, c, oh, ow))) / count;
+        if (l + 1 < g.L)
+          v += vals[L.level[l + 1] + tile_offset(i.c, i.r / q, i.col / q, g.cc, rows / q, cols / q, g.cfast)];
+      }
+      mine[e] = v;
+    }
+    __syncthreads();
+  }
+  const int s0 = g.L > 0 ? g.s[0] : 1;
+  for (int e = threadIdx.x; e < g.cc * g.S * X; e += NT) {
+    const TileIndex i = tile_index(e, g.cc, g.S, X, g.cfast);
+    const int c = t.c0 + i.c, h = t.h0 + i.r, w = t.w0 + i.col;
+    if (c >= g.C || h >= g.H || w >= g.W) continue;
+    acc_t v = g.L > 0 ? vals[L.level[0] + tile_offset(i.c, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]
+                      : acc_t(0);
+    if (full.ptr != nullptr) v += static_cast<acc_t>(load_act(full.ptr + full.offset(t.n, c, h, w)));
+    store_act(grad_x.ptr + grad_x.offset(t.n, c, h, w), static_cast<scalar_t>(v));
+  }
+}
+
+// ---------------------------------------------------------------------------------
 // Host side.
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -898,9 +1074,157 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
   return {grad_x, dweight.view(weight_.sizes()), dgamma, dbeta};
 }
 
+// ---------------------------------------------------------------------------------
+// Every projection of one source: the pooling launches, and the op (csrc/projections.h
+// composes them with the single-projection launches above).
+
+// Elements of x per pooling tile: 16 per thread, fewer while the grid has under 2 waves
+// of 8 blocks per SM; NT at the least.
+constexpr int64_t kPoolTile = 16 * NT;
+
+PoolGeometry pool_geometry(at::IntArrayRef strides, bool ceil_mode, int64_t N, int64_t C, int64_t H, int64_t W,
+                           bool cfast, int device) {
+  std::vector<int64_t> s;
+  for (int64_t v : strides)
+    if (v > 1) s.push_back(v);
+  std::sort(s.begin(), s.end());
+  s.erase(std::unique(s.begin(), s.end()), s.end());
+  TORCH_CHECK_VALUE(s.size() <= kMaxLevels, "projections (cuda): at most ", kMaxLevels, " distinct strides, got ",
+                    strides);
+  PoolGeometry g{};
+  g.L = (int)s.size();
+  g.S = s.empty() ? 1 : (int)s.back();
+  for (int l = 0; l < g.L; ++l) {
+    g.s[l] = (int)s[l];
+    g.ho[l] = (int)pooled_size(H, s[l], ceil_mode);
+    g.wo[l] = (int)pooled_size(W, s[l], ceil_mode);
+  }
+  g.C = (int)C; g.H = (int)H; g.W = (int)W;
+  g.cfast = cfast;
+  // channels_last: up to 64 channels, then blocks along the row; NCHW: blocks along the
+  // row, then channels.
+  const int64_t block = (int64_t)g.S * g.S, blocks_w = cdiv(W, g.S);
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  for (int64_t elems = kPoolTile;; elems /= 2) {
+    int64_t cc, bw;
+    if (cfast) {
+      cc = std::min<int64_t>(C, 64);
+      bw = std::clamp<int64_t>(elems / (cc * block), 1, blocks_w);
+    } else {
+      bw = std::clamp<int64_t>(elems / block, 1, blocks_w);
+      cc = std::clamp<int64_t>(elems / (bw * block), 1, C);
+    }
+    g.cc = (int)cc; g.bw = (int)bw;
+    g.c_tiles = (int)cdiv(C, cc); g.w_tiles = (int)cdiv(blocks_w, bw); g.h_tiles = (int)cdiv(H, g.S);
+    if (elems <= NT || N * g.h_tiles * g.w_tiles * g.c_tiles >= 16 * sms) break;
+  }
+  TORCH_CHECK(N * g.h_tiles * g.w_tiles * g.c_tiles <= INT32_MAX, "projections (cuda): problem too large for the grid");
+  return g;
+}
+
+int level_of(const PoolGeometry& g, int64_t stride) { return (int)(std::find(g.s, g.s + g.L, stride) - g.s); }
+
+// The dynamic shared memory of a pooling launch, the kernel's limit raised to it.
+template <typename F>
+int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size, int device) {
+  const int64_t bytes = PoolSmem(g, with_columns).total * acc_size;
+  const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  TORCH_CHECK(bytes <= smem_max, "projections (cuda): stride ", g.S, " needs ", bytes,
+              " bytes of shared memory per block; the device has ", smem_max);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  return (int)bytes;
+}
+
+unsigned pool_tiles(const PoolGeometry& g, int64_t N) { return (unsigned)(N * g.h_tiles * g.w_tiles * g.c_tiles); }
+
+std::vector<at::Tensor> pool_many_cuda(const at::Tensor& x, at::IntArrayRef strides, bool ceil_mode) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto fmt = hires::memory_format_of(x);
+  const int device = x.get_device();
+  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
+  std::vector<at::Tensor> level_out;
+  for (int l = 0; l < g.L; ++l)
+    level_out.push_back(at::empty({N, C, g.ho[l], g.wo[l]}, x.options().memory_format(fmt)));
+  if (g.L > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_many_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      LevelActs<scalar_t> out{};
+      for (int l = 0; l < g.L; ++l) out.t[l] = act_view<scalar_t>(level_out[l]);
+      const int smem = pool_smem(pool_many_kernel<scalar_t, acc_t>, g, true, sizeof(acc_t), device);
+      pool_many_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
+          g, act_view<const scalar_t>(x), out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  // Outputs of the op: none may alias x or another (a second target of the same stride
+  // gets a copy).
+  std::vector<at::Tensor> pooled;
+  std::vector<bool> given(g.L, false);
+  for (int64_t s : strides) {
+    if (s == 1) {
+      pooled.push_back(x);
+      continue;
+    }
+    const int l = level_of(g, s);
+    pooled.push_back(given[l] ? level_out[l].clone() : level_out[l]);
+    given[l] = true;
+  }
+  return pooled;
+}
+
+at::Tensor unpool_sum_cuda(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H, int64_t W,
+                           at::MemoryFormat fmt) {
+  const c10::cuda::CUDAGuard device_guard(grads[0].device());
+  const int64_t N = grads[0].size(0), C = grads[0].size(1);
+  const int device = grads[0].get_device();
+  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
+  // Targets of the same stride add up first (HiResNet's strides are distinct).
+  std::vector<at::Tensor> level(g.L);
+  at::Tensor full;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const at::Tensor gt = grads[t].contiguous(fmt);
+    at::Tensor& into = strides[t] == 1 ? full : level[level_of(g, strides[t])];
+    into = into.defined() ? (into + gt).contiguous(fmt) : gt;
+  }
+  at::Tensor grad_x = at::empty({N, C, H, W}, grads[0].options().memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "unpool_sum_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    LevelActs<const scalar_t> in{};
+    for (int l = 0; l < g.L; ++l) in.t[l] = act_view<const scalar_t>(level[l]);
+    const int smem = pool_smem(unpool_sum_kernel<scalar_t, acc_t>, g, false, sizeof(acc_t), device);
+    unpool_sum_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
+        g, in, act_view<const scalar_t>(full), act_view<scalar_t>(grad_x));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+const hires::DeviceKernels kCudaKernels{pool_many_cuda, unpool_sum_cuda, projection_cuda, projection_backward_cuda};
+
+hires::ProjectionsResult projections_cuda(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                          at::TensorList bn_bias, at::TensorList running_mean,
+                                          at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                          bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
+  return hires::projections_forward(kCudaKernels, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                    ceil_mode, training, momentum, eps);
+}
+
+hires::ProjectionsBackwardResult projections_backward_cuda(at::TensorList grad_out, at::TensorList saved,
+                                                           at::TensorList y, at::TensorList shift,
+                                                           at::TensorList weight, at::TensorList bn_weight,
+                                                           at::TensorList mean, at::TensorList var,
+                                                           at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
+                                                           int64_t in_w, bool training, at::ArrayRef<double> eps) {
+  return hires::projections_backward(kCudaKernels, grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
+                                     ceil_mode, in_h, in_w, training, eps);
+}
+
 }  // namespace hires_cuda
 
 TORCH_LIBRARY_IMPL(hires, CUDA, m) {
   m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
+  m.impl("projections", &hires_cuda::projections_cuda);
+  m.impl("projections_backward", &hires_cuda::projections_backward_cuda);
 }
