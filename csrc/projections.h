@@ -150,6 +150,26 @@ inline ProjectionsBackwardResult projections_backward(const DeviceKernels& dev, 
   return r;
 }
 
+// The op kernels of a device with kernels K: registered as &projections_forward_op<K>.
+template <const DeviceKernels& K>
+ProjectionsResult projections_forward_op(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
+                                         at::TensorList bn_bias, at::TensorList running_mean,
+                                         at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
+                                         bool training, at::ArrayRef<double> eps) {
+  return projections_forward(K, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
+                             eps);
+}
+
+template <const DeviceKernels& K>
+ProjectionsBackwardResult projections_backward_op(at::TensorList grad_out, at::TensorList saved, at::TensorList y,
+                                                  at::TensorList shift, at::TensorList weight,
+                                                  at::TensorList bn_weight, at::TensorList mean, at::TensorList var,
+                                                  at::IntArrayRef stride, bool ceil_mode, int64_t in_h, int64_t in_w,
+                                                  bool training, at::ArrayRef<double> eps) {
+  return projections_backward(K, grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h,
+                              in_w, training, eps);
+}
+
 // running_mean/var <- the momentum update with each target's batch statistics, through
 // ATen ops (a device whose kernels do not do it themselves).
 inline void projections_update_stats_aten(at::TensorList running_mean, at::TensorList running_var,

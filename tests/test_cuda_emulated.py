@@ -328,8 +328,12 @@ class Source:
         """The op's results and the running statistics it updated (copies of the problems')."""
         running = [[p.running[i].clone() for p in self.problems] for i in (0, 1)]
         weight, gamma, beta, momentum, eps = self.lists("weight", "gamma", "beta", "momentum", "eps")
-        results = ops.projections(self.x, weight, gamma, beta, *running, self.strides, self.ceil, self.training,
-                                  momentum, eps)
+        results = ops.projections_forward(self.x, weight, gamma, beta, *running, self.strides, self.ceil,
+                                          self.training, eps)
+        if self.training:  # hires::projections' second step (csrc/autograd.cpp)
+            out, _, _, shift, mean, var = results
+            ops.projections_update_stats(*running, weight, shift, mean, var, [o.numel() // o.shape[1] for o in out],
+                                         momentum)
         return results, running
 
     def backward(self, ops, results):

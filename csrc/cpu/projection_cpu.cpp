@@ -1115,15 +1115,6 @@ at::Tensor unpool_sum_cpu(at::TensorList grads, at::IntArrayRef strides, bool ce
 
 const hires::DeviceKernels kCpuKernels{pool_many_cpu, unpool_sum_cpu, projection_cpu, projection_backward_cpu};
 
-hires::ProjectionsResult projections_forward_cpu(const at::Tensor& x, at::TensorList weight,
-                                                 at::TensorList bn_weight, at::TensorList bn_bias,
-                                                 at::TensorList running_mean, at::TensorList running_var,
-                                                 at::IntArrayRef stride, bool ceil_mode, bool training,
-                                                 at::ArrayRef<double> eps) {
-  return hires::projections_forward(kCpuKernels, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                    ceil_mode, training, eps);
-}
-
 void projections_update_stats_cpu(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
                                   at::TensorList shift, at::TensorList mean, at::TensorList var, at::IntArrayRef count,
                                   at::ArrayRef<double> momentum) {
@@ -1138,22 +1129,12 @@ void projections_update_stats_cpu(at::TensorList running_mean, at::TensorList ru
   }
 }
 
-hires::ProjectionsBackwardResult projections_backward_cpu(at::TensorList grad_out, at::TensorList saved,
-                                                          at::TensorList y, at::TensorList shift,
-                                                          at::TensorList weight, at::TensorList bn_weight,
-                                                          at::TensorList mean, at::TensorList var,
-                                                          at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
-                                                          int64_t in_w, bool training, at::ArrayRef<double> eps) {
-  return hires::projections_backward(kCpuKernels, grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
-                                     ceil_mode, in_h, in_w, training, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hires, CPU, m) {
   m.impl("projection", &projection_cpu);
   m.impl("projection_backward", &projection_backward_cpu);
-  m.impl("projections_forward", &projections_forward_cpu);
+  m.impl("projections_forward", &hires::projections_forward_op<kCpuKernels>);
   m.impl("projections_update_stats", &projections_update_stats_cpu);
-  m.impl("projections_backward", &projections_backward_cpu);
+  m.impl("projections_backward", &hires::projections_backward_op<kCpuKernels>);
 }

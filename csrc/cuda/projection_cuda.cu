@@ -1202,29 +1202,12 @@ at::Tensor unpool_sum_cuda(at::TensorList grads, at::IntArrayRef strides, bool c
 
 const hires::DeviceKernels kCudaKernels{pool_many_cuda, unpool_sum_cuda, projection_cuda, projection_backward_cuda};
 
-hires::ProjectionsResult projections_cuda(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                          at::TensorList bn_bias, at::TensorList running_mean,
-                                          at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                          bool training, at::ArrayRef<double> momentum, at::ArrayRef<double> eps) {
-  return hires::projections_forward(kCudaKernels, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                    ceil_mode, training, momentum, eps);
-}
-
-hires::ProjectionsBackwardResult projections_backward_cuda(at::TensorList grad_out, at::TensorList saved,
-                                                           at::TensorList y, at::TensorList shift,
-                                                           at::TensorList weight, at::TensorList bn_weight,
-                                                           at::TensorList mean, at::TensorList var,
-                                                           at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
-                                                           int64_t in_w, bool training, at::ArrayRef<double> eps) {
-  return hires::projections_backward(kCudaKernels, grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
-                                     ceil_mode, in_h, in_w, training, eps);
-}
-
 }  // namespace hires_cuda
 
 TORCH_LIBRARY_IMPL(hires, CUDA, m) {
   m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
-  m.impl("projections", &hires_cuda::projections_cuda);
-  m.impl("projections_backward", &hires_cuda::projections_backward_cuda);
+  m.impl("projections_forward", &hires::projections_forward_op<hires_cuda::kCudaKernels>);
+  m.impl("projections_update_stats", &hires::projections_update_stats_aten);
+  m.impl("projections_backward", &hires::projections_backward_op<hires_cuda::kCudaKernels>);
 }
