@@ -2,7 +2,10 @@
 # One call on a GPU machine: build with the CUDA kernels, run the test suite there
 # (triton and cuda backends on CUDA tensors), then the GPU benchmarks that fit the time.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh [tests|bench|all]     (default: all)
+#   OUT=/some/dir bash bench/gpu_check.sh [tests|bench|graphs|all]     (default: all)
+#
+# `graphs` (not in `all`, to keep that within one call) runs the GPU-only training tests:
+# a few steps of `hires train --cuda-graphs` with no host sync in the step.
 #
 # Each stage has its own time limit so one slow stage cannot eat the others; logs and
 # benchmark JSON go to $OUT (the lent-device tool brings back what is written there).
@@ -45,6 +48,10 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     --ignore=tests/test_data.py --ignore=tests/test_train.py --ignore=tests/test_runs.py \
     --ignore=tests/test_paper_script.py --ignore=tests/test_analysis.py --ignore=tests/test_ddp.py ${TEST_ARGS:-}
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
+fi
+
+if [ "$what" = graphs ]; then
+  stage train_gpu "${GRAPHS_LIMIT:-300}" python3 -m pytest tests/test_train.py -m gpu -v -rfE -p no:cacheprovider
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then

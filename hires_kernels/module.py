@@ -7,7 +7,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .projection import call_projections, fused_projection, fused_projections, projection_reference
+from .projection import call_projections, fused_projection, projection_reference
 
 __all__ = ["BatchNormArgs", "HierarchicalProjection", "batch_norm_args", "project_source"]
 

@@ -33,6 +33,7 @@ class Source:
     layout: str = "nchw"
     n: int = 3
     c_in: int = 5
+    offset: float = 0.0  # added to x: a large mean tests the statistics' stability
 
     def __str__(self):
         t = ",".join(f"{c}s{s}" for c, s in self.targets)
@@ -66,7 +67,8 @@ def make(src: Source, dtype=torch.float64, device="cpu", seed=0, rounded_as=None
         t = t.to(act if kind == "act" else param)
         return t.to(device=device, dtype=torch.float64 if rounded_as is not None else t.dtype)
 
-    x = rnd(src.n, src.c_in, src.h, src.w, kind="act")
+    x = (torch.randn(src.n, src.c_in, src.h, src.w, generator=g, dtype=torch.float64) + src.offset).to(act)
+    x = x.to(device=device, dtype=torch.float64 if rounded_as is not None else x.dtype)
     params = [(rnd(c, src.c_in, scale=src.c_in ** -0.5), 1 + 0.5 * rnd(c), 0.5 * rnd(c), rnd(c),
                0.5 + rnd(c).abs()) for c, _ in src.targets]
     grads = [rnd(src.n, c, *src.sizes(s), kind="act") for c, s in src.targets]
@@ -127,6 +129,18 @@ def test_low_precision_within_twice_eager_error(backend, device, dtype, src):
     got = run_all(fused_projections, src, *make(src, dtype, device), backend=backend)
     bound = {k: 2 * v + 1e-3 for k, v in errors(eager, ref).items()}
     check(errors(got, ref), bound)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_large_mean_as_accurate_as_eager(backend, device):
+    """x = 1000 + noise in float32: the statistics stay accurate (the kernels shift the
+    pooled inputs); the pooled inputs are rounded to float32 as eager's avg_pool2d rounds
+    them, so the bound is eager's error."""
+    src = Source(offset=1000.0, n=4)
+    ref = oracle(src, torch.float32)
+    eager = run_all(per_target_reference, src, *make(src, torch.float32, device))
+    got = run_all(fused_projections, src, *make(src, torch.float32, device), backend=backend)
+    check(errors(got, ref), {k: 2 * v + 1e-5 for k, v in errors(eager, ref).items()})
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
