@@ -336,6 +336,14 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
+            if self.device.type == "cpu":
+                # torch 2.13's inductor converts CPU convs to channels_last ("layout
+                # optimization") and then gets the weight gradient of a 1x1 stride-2 conv
+                # wrong: a ResNet-18's shortcut by 3.7x (without any projection; exact with
+                # the optimization off). Same family as pytorch/pytorch#175969 (XPU).
+                import torch._inductor.config as inductor_config
+
+                inductor_config.layout_optimization = False
             self.net = torch.compile(self.net, mode=cfg.compile_mode)   # evaluate() runs it
         self.objective = Objective(self.net, self.criterion, self.amp)
         if cfg.compile and world.size == 1:
