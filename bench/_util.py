@@ -108,6 +108,19 @@ def cuda_graph_median_ms(fn, device, budget_s: float = 0.5, min_reps: int = 5) -
     return cuda_event_median_ms(graph.replay, device, budget_s=budget_s, min_reps=min_reps)
 
 
+def host_quantile_s(fn, calls: int, quantile: float, warmup_calls: int = 1) -> float:
+    """The ``quantile`` of ``calls`` calls of ``fn`` timed on the host clock, in seconds,
+    after ``warmup_calls`` untimed ones (CPU work, outside pytest-benchmark)."""
+    for _ in range(warmup_calls):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[int(calls * quantile)]
+
+
 def host_median_ms(benchmark) -> float | None:
     """The median pytest-benchmark measured, in ms (None with --benchmark-disable)."""
     stats = getattr(benchmark, "stats", None)

@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import _util
 import hires
 
 NARROW = {"planes": [4, 8, 16, 32], "stem_width": 4}
@@ -42,14 +43,7 @@ def make_step(name, sources, fused):
 
 
 def p10_us(fn, calls=1000):
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[calls // 10] * 1e6
+    return _util.host_quantile_s(fn, calls, 0.1, warmup_calls=20) * 1e6
 
 
 def main(argv=None):

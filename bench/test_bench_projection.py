@@ -110,8 +110,6 @@ def floor_bytes(shape, dtype, backward: bool) -> int:
 def gemm_floor_ms(shape, backward: bool, reps: int = 30) -> float:
     """Median time of the op's GEMMs on float32 CPU tensors: y = W p forward, and
     dW = dy p^T and dp = W^T dy backward (M = N H' W' columns)."""
-    import time
-
     c_in, _, c_out, h_out, n = shape
     m = n * h_out * h_out
     w, p, dy = torch.randn(c_out, c_in), torch.randn(c_in, m), torch.randn(c_out, m)
@@ -120,13 +118,7 @@ def gemm_floor_ms(shape, backward: bool, reps: int = 30) -> float:
     def once():
         for a, b in gemms:
             torch.mm(a, b)
-    once()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2] * 1e3
+    return _util.host_quantile_s(once, reps, 0.5) * 1e3
 
 
 def _skip_reason(device, dtype_name, mode, provider, config) -> str | None:
