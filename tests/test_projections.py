@@ -323,3 +323,20 @@ def test_training_forward_under_inference_mode_updates_statistics():
     for m, r in zip(mods, ref):
         torch.testing.assert_close(m.bn.running_var, r.bn.running_var)
         assert m.bn.num_batches_tracked.item() == 1
+
+
+@needs_op
+def test_under_bf16_autocast_like_separate_calls():
+    """Under autocast the per-source op runs in the autocast dtype, as each
+    fused_projection call would; statistics stay float32."""
+    src = Source()
+    mods, ref = _projections(src), _projections(src)
+    x = torch.randn(3, 5, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = project_source(x, mods)
+        want = [m(x) for m in ref]
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    torch.testing.assert_close(outs, want, rtol=2e-2, atol=2e-2)
+    for m, r in zip(mods, ref):
+        assert m.bn.running_mean.dtype == torch.float32
+        torch.testing.assert_close(m.bn.running_var, r.bn.running_var, rtol=1e-2, atol=1e-3)
