@@ -414,6 +414,22 @@ def test_emulated_projections_low_precision(emulated_ops, dtype, how, training):
     check_source(source, emulated_ops, dtype, _within_eager(dtype))
 
 
+def test_emulated_statistics_update_of_any_layout(emulated_ops):
+    """The statistics update runs a kernel on contiguous float32 running statistics and
+    ATen on others (a strided view, another dtype): the same values either way."""
+    source = Source(2, 5, 8, 8, [(40, 2), (6, 4)], ceil=True, training=True, dtype=torch.float32)
+    results, running = source.forward(emulated_ops)  # contiguous float32: the kernel
+    _, _, _, shift, mean, var = results
+    weight, momentum = source.lists("weight", "momentum")
+    count = [o.numel() // o.shape[1] for o in results[0]]
+    for make in (lambda t: torch.zeros(2 * t.numel()).index_copy(0, torch.arange(0, 2 * t.numel(), 2), t)[::2],
+                 lambda t: t.double()):
+        other = [[make(p.running[i]) for p in source.problems] for i in (0, 1)]
+        emulated_ops.projections_update_stats(*other, weight, shift, mean, var, count, momentum)
+        for got, want in zip(other[0] + other[1], running[0] + running[1]):
+            torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=1e-6)
+
+
 LARGE_TILE_CASES = [SOURCE_CASES[7], SOURCE_CASES[8]]
 
 

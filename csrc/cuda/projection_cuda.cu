@@ -540,6 +540,25 @@ __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
   }
 }
 
+// hires::projections_update_stats for one target (its forward ran without running
+// statistics): running <- (1 - momentum) running + momentum (mean + W shift, unbiased var),
+// one warp per channel, as fwd_finalize_kernel does for a single projection.
+template <typename acc_t>
+__global__ void __launch_bounds__(FIN_THREADS) update_stats_kernel(
+    const acc_t* mean, const acc_t* var, const acc_t* weight, const acc_t* shift, int C_in, int C_out, acc_t unbias,
+    acc_t momentum, acc_t* running_mean, acc_t* running_var) {
+  const int lane = threadIdx.x % 32;
+  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
+  if (co >= C_out) return;  // whole warps
+  acc_t ws = 0;
+  for (int k = lane; k < C_in; k += 32) ws += load_param(weight + (int64_t)co * C_in + k) * load_param(shift + k);
+  for (int o = 16; o > 0; o /= 2) ws += __shfl_xor_sync(0xffffffff, ws, o);
+  if (lane != 0) return;
+  const acc_t keep = acc_t(1) - momentum;
+  store_param(running_mean + co, load_param(running_mean + co) * keep + (load_param(mean + co) + ws) * momentum);
+  store_param(running_var + co, load_param(running_var + co) * keep + load_param(var + co) * unbias * momentum);
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
     const acc_t* part_g, const acc_t* part_gy, int64_t tiles, int C_out, acc_t* dbeta, acc_t* dgamma) {
@@ -1200,6 +1219,35 @@ at::Tensor unpool_sum_cuda(at::TensorList grads, at::IntArrayRef strides, bool c
   return grad_x;
 }
 
+// One launch per target where the running statistics are contiguous in the accumulation
+// dtype (as BatchNorm2d keeps them); others go through ATen.
+void projections_update_stats_cuda(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
+                                   at::TensorList shift, at::TensorList mean, at::TensorList var,
+                                   at::IntArrayRef count, at::ArrayRef<double> momentum) {
+  for (size_t t = 0; t < weight.size(); ++t) {
+    const at::Tensor &rm = running_mean[t], &rv = running_var[t];
+    const auto acc = mean[t].scalar_type();
+    if (!(rm.is_contiguous() && rv.is_contiguous() && rm.scalar_type() == acc && rv.scalar_type() == acc)) {
+      hires::projections_update_stats_aten(running_mean.slice(t, 1), running_var.slice(t, 1), weight.slice(t, 1),
+                                           shift.slice(t, 1), mean.slice(t, 1), var.slice(t, 1), count.slice(t, 1),
+                                           momentum.slice(t, 1));
+      continue;
+    }
+    const c10::cuda::CUDAGuard device_guard(rm.device());
+    const int64_t C_out = weight[t].size(0), C_in = weight[t].size(1);
+    const at::Tensor w = weight[t].detach().reshape({C_out, C_in}).to(acc).contiguous();
+    const at::Tensor sh = shift[t].contiguous(), m = mean[t].contiguous(), v = var[t].contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "projections_update_stats_cuda", [&] {
+      update_stats_kernel<scalar_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0,
+                                      c10::cuda::getCurrentCUDAStream().stream()>>>(
+          m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), (int)C_in,
+          (int)C_out, static_cast<scalar_t>(static_cast<double>(count[t]) / static_cast<double>(count[t] - 1)),
+          static_cast<scalar_t>(momentum[t]), rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
 const hires::DeviceKernels kCudaKernels{pool_many_cuda, unpool_sum_cuda, projection_cuda, projection_backward_cuda};
 
 }  // namespace hires_cuda
@@ -1208,6 +1256,6 @@ TORCH_LIBRARY_IMPL(hires, CUDA, m) {
   m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
   m.impl("projections_forward", &hires::projections_forward_op<hires_cuda::kCudaKernels>);
-  m.impl("projections_update_stats", &hires::projections_update_stats_aten);
+  m.impl("projections_update_stats", &hires_cuda::projections_update_stats_cuda);
   m.impl("projections_backward", &hires::projections_backward_op<hires_cuda::kCudaKernels>);
 }
