@@ -210,6 +210,12 @@ def test_one_call_per_source(sources, forward_ops, backward_ops):
         out.sum().backward()
     assert [op for op in fwd.ops if op != "hires.projections_update_stats"] == forward_ops
     assert bwd.ops == backward_ops
+    # Without a backward to share, each block makes its own call with the residual fused.
+    for train, grad in ((False, True), (True, False)):
+        model.train(train)
+        with Record() as fwd, torch.set_grad_enabled(grad):
+            model(torch.randn(2, 3, 16, 16))
+        assert fwd.ops == ["hires.projection"] * model.num_projections()
 
 
 def test_state_dicts_are_interchangeable():

@@ -26,12 +26,15 @@ Where a projection is added (``side``)
 - ``"input"``: onto the entry block's input: ``x' = x + sum_k P_k(x_k)``, then
   ``relu(F(x') + shortcut(x'))``; ``P_k`` matches the input's resolution and width.
 
-The projections of one source are computed together, right after their source level
-(``HiResNet.forward_features``, :func:`hires_kernels.project_source`): the fused op then
-reads the source once for all its targets and writes one gradient for it in backward,
-and each target block adds its ``P_k`` to its sum. A block called on its own (without
-``projected``) chains its projections through the op's ``residual`` argument,
-``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``. A projection's pooling stride is the ratio of the
+In training, the projections of a source that feeds several stages are computed
+together, right after it (``HiResNet.forward_features``,
+:func:`hires_kernels.project_source`): the fused op then reads the source once for all
+its targets and writes one gradient for it in backward, and each target block adds its
+``P_k`` to its sum. Otherwise (evaluation, no grad, a single target, a block called on
+its own) a block chains its projections through the op's ``residual`` argument,
+``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``.
+
+A projection's pooling stride is the ratio of the
 source's and the target's resolution (a power of two); pooling runs in ceil mode,
 which equals floor mode when the sizes divide and otherwise matches the
 ``ceil(H / 2)`` sizes of the strided convolutions (e.g. 7 -> 4).

@@ -97,10 +97,13 @@ class HiResNet(nn.Module):
 
     def _project(self, k: int, x: torch.Tensor, entries: list[HierarchicalBlock],
                  projected: list[dict[int, torch.Tensor]]) -> None:
-        """The projections of level ``k`` (``x``) into ``projected[stage][k]``, in one call.
-        Ablated ones are skipped; blocks capturing their addends compute theirs themselves,
-        and so does the block of a source's only projection: its residual add stays fused
-        into the op."""
+        """The projections of level ``k`` (``x``) into ``projected[stage][k]``, in one call,
+        when a backward will follow: the call's gain is the backward's one grad_x; without
+        one, each block's own call, with its residual add fused, moves fewer bytes. Ablated
+        projections are skipped; blocks capturing their addends compute theirs themselves,
+        and so does the block of a source's only projection."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
         stages = [i for i in self._targets.get(k, ())
                   if not entries[i].capture_addends and f"P{k}" not in entries[i].ablate]
         if len(stages) > 1:
