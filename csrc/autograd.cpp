@@ -15,8 +15,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardResult = hires::ProjectionResult;
+using BackwardResult = hires::ProjectionBackwardResult;
 
 ForwardResult call_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
                            const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,

@@ -9,6 +9,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
+#include <tuple>
 
 #include "shapes.h"
 
@@ -36,6 +37,11 @@ inline at::MemoryFormat saved_memory_format(const at::Tensor& saved) {
     return saved.stride(1) < saved.stride(3) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   return memory_format_of(saved);
 }
+
+// What hires::projection returns (out, saved, y, shift, mean, var) and
+// hires::projection_backward returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias).
+using ProjectionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ProjectionBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline at::ScalarType accumulation_dtype(at::ScalarType activations) {
   return activations == at::kDouble ? at::kDouble : at::kFloat;

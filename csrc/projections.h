@@ -21,8 +21,6 @@
 
 namespace hires {
 
-using ProjectionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ProjectionBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (out, saved, y, shift, mean, var): one list entry per target; mean and var are the
 // statistics of the shifted conv output, as hires::projection returns them.
 using ProjectionsResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

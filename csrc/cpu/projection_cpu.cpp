@@ -549,7 +549,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   hires::update_running_stat(running_var, at::from_blob(v.data(), {C}, opt), momentum);
 }
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardResult = hires::ProjectionResult;
 
 ForwardResult projection_cpu(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight,
                              const c10::optional<at::Tensor>& bn_bias, const c10::optional<at::Tensor>& running_mean_,
@@ -819,7 +819,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {grad_x, dgamma, dbeta};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_cpu(
+hires::ProjectionBackwardResult projection_backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& saved_, const at::Tensor& y_, const at::Tensor& shift_,
     const at::Tensor& weight_, const c10::optional<at::Tensor>& bn_weight_, const at::Tensor& mean_,
     const at::Tensor& var_, int64_t stride, bool ceil_mode, int64_t in_h, int64_t in_w, bool training, double eps) {
@@ -844,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> projection_backward_c
   const at::Tensor gamma_t = bn_weight.defined() ? bn_weight.to(acc).contiguous() : at::Tensor();
   // grad_weight in weight's own shape and dtype-of-accumulation, written as [C_out, C_in].
   at::Tensor grad_w = at::empty(weight_.sizes(), weight.options());
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  hires::ProjectionBackwardResult result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "projection_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> ones(gamma_t.defined() ? 0 : C_out, acc_t(1));

@@ -915,8 +915,8 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   return k;
 }
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardResult = hires::ProjectionResult;
+using BackwardResult = hires::ProjectionBackwardResult;
 
 ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
                               const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
