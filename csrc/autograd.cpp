@@ -8,7 +8,7 @@
 #include <algorithm>
 
 #include "projection_args.h"
-#include "projections.h"
+#include "pool_source.h"
 
 namespace {
 
@@ -159,190 +159,79 @@ BackwardResult projection_backward_autograd(const at::Tensor& grad_out, const at
   return {r[0], r[1], r[2], r[3]};
 }
 
-// --- every projection of one source (csrc/projections.h) ----------------------------
+// --- one source pooled for every stride (csrc/pool_source.h) ------------------------
 
-using hires::ProjectionsBackwardResult;
-using hires::ProjectionsResult;
+std::vector<at::Tensor> call_pool_source(const at::Tensor& x, at::IntArrayRef stride, bool ceil_mode) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("hires::pool_source", "").typed<decltype(call_pool_source)>();
+  return op.call(x, stride, ceil_mode);
+}
 
-ProjectionsResult call_projections_forward(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                           at::TensorList bn_bias, at::TensorList running_mean,
-                                           at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                           bool training, at::ArrayRef<double> eps) {
+at::Tensor call_pool_source_backward(at::TensorList grad, at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
+                                     int64_t in_w, bool channels_last) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("hires::projections_forward", "")
-                       .typed<decltype(call_projections_forward)>();
-  return op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps);
+                       .findSchemaOrThrow("hires::pool_source_backward", "")
+                       .typed<decltype(call_pool_source_backward)>();
+  return op.call(grad, stride, ceil_mode, in_h, in_w, channels_last);
 }
 
-void call_update_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
-                       at::TensorList shift, at::TensorList mean, at::TensorList var, at::IntArrayRef count,
-                       at::ArrayRef<double> momentum) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("hires::projections_update_stats", "")
-                       .typed<decltype(call_update_stats)>();
-  op.call(running_mean, running_var, weight, shift, mean, var, count, momentum);
-}
-
-ProjectionsBackwardResult call_projections_backward(at::TensorList grad_out, at::TensorList saved, at::TensorList y,
-                                                    at::TensorList shift, at::TensorList weight,
-                                                    at::TensorList bn_weight, at::TensorList mean, at::TensorList var,
-                                                    at::IntArrayRef stride, bool ceil_mode, int64_t in_h, int64_t in_w,
-                                                    bool training, at::ArrayRef<double> eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("hires::projections_backward", "")
-                       .typed<decltype(call_projections_backward)>();
-  return op.call(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training,
-                 eps);
-}
-
-// hires::projections: the forward op, then (training) the running statistics' update.
-std::vector<at::Tensor> projections_composite(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                              at::TensorList bn_bias, at::TensorList running_mean,
-                                              at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                              bool training, at::ArrayRef<double> momentum,
-                                              at::ArrayRef<double> eps) {
-  TORCH_CHECK_VALUE(momentum.size() == weight.size(), "fused_projections: momentum needs one entry per target (",
-                    weight.size(), "), got ", momentum.size());
-  auto [out, saved, y, shift, mean, var] =
-      call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training,
-                               eps);
-  if (training) {
-    std::vector<int64_t> count;
-    for (const auto& o : out) count.push_back(o.numel() / o.size(1));
-    call_update_stats(running_mean, running_var, weight, shift, mean, var, count, momentum);
-  }
-  return out;
-}
-
-void projections_update_stats_autograd(at::TensorList running_mean, at::TensorList running_var,
-                                       at::TensorList weight, at::TensorList shift, at::TensorList mean,
-                                       at::TensorList var, at::IntArrayRef count, at::ArrayRef<double> momentum) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    call_update_stats(running_mean, running_var, weight, shift, mean, var, count, momentum);
-  }
-  // Written below the ADInplaceOrView layer: count the writes.
-  for (size_t t = 0; t < running_mean.size(); ++t) {
-    torch::autograd::impl::bump_version(running_mean[t]);
-    torch::autograd::impl::bump_version(running_var[t]);
-  }
-}
-
-// Gradients, in the order autograd::Function counts its arguments: x, then each list's
-// entries, then one (undefined) per non-tensor argument.
-variable_list projections_input_grads(const ProjectionsBackwardResult& r, size_t k) {
-  const auto& [grad_x, grad_w, grad_gamma, grad_beta] = r;
-  variable_list g(1 + 5 * k + 5);
-  g[0] = grad_x;
-  for (size_t t = 0; t < k; ++t) {
-    g[1 + t] = grad_w[t];
-    g[1 + k + t] = grad_gamma[t];
-    g[1 + 2 * k + t] = grad_beta[t];
-  }
-  return g;
-}
-
-class ProjectionsFunction : public torch::autograd::Function<ProjectionsFunction> {
+// The two ops are linear and each other's adjoint, so each one's backward calls the other
+// (through the dispatcher, so that create_graph=True records it): double backward works.
+// Outputs that took no part in the loss get zero gradients (materialised by autograd).
+class PoolSourceFunction : public torch::autograd::Function<PoolSourceFunction> {
  public:
-  // Saved: x, then k each of saved, y, shift, weight, bn_weight, mean, var.
-  static constexpr size_t kSavedLists = 7;
-
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weight,
-                               at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList running_mean,
-                               at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode, bool training,
-                               at::ArrayRef<double> eps, ProjectionsResult* rest) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef stride, bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    *rest = call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode,
-                                     training, eps);
-    const auto& [out, saved, y, shift, mean, var] = *rest;
-    const size_t k = weight.size();
-    variable_list keep;
-    keep.reserve(1 + kSavedLists * k);
-    keep.push_back(x);
-    for (const auto* list : {&saved, &y, &shift}) keep.insert(keep.end(), list->begin(), list->end());
-    keep.insert(keep.end(), weight.begin(), weight.end());
-    keep.insert(keep.end(), bn_weight.begin(), bn_weight.end());
-    keep.insert(keep.end(), mean.begin(), mean.end());
-    keep.insert(keep.end(), var.begin(), var.end());
-    ctx->save_for_backward(keep);
     ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["eps"] = eps.vec();
-    ctx->saved_data["meta"] = c10::List<int64_t>({ceil_mode, x.size(2), x.size(3), training});
-    return out;
+    ctx->saved_data["meta"] = c10::List<int64_t>(
+        {ceil_mode, x.size(2), x.size(3), hires::memory_format_of(x) == at::MemoryFormat::ChannelsLast});
+    return call_pool_source(x, stride, ceil_mode);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto eps = ctx->saved_data["eps"].toDoubleVector();
     const auto meta = ctx->saved_data["meta"].toIntList();
-    const size_t k = stride.size();
-    auto list = [&](size_t i) {
-      return std::vector<at::Tensor>(s.begin() + 1 + i * k, s.begin() + 1 + (i + 1) * k);
-    };
-    std::vector<at::Tensor> saved = list(0);
-    for (size_t t = 0; t < k; ++t) {
-      if (stride[t] == 1) saved[t] = s[0];
-    }
-    return projections_input_grads(call_projections_backward(grads, saved, list(1), list(2), list(3), list(4), list(5),
-                                                             list(6), stride, meta[0], meta[1], meta[2], meta[3], eps),
-                                   k);
+    return {call_pool_source_backward(grads, ctx->saved_data["stride"].toIntVector(), meta[0], meta[1], meta[2],
+                                      meta[3]),
+            at::Tensor(), at::Tensor()};
   }
 };
 
-class ProjectionsBackwardFunction : public torch::autograd::Function<ProjectionsBackwardFunction> {
+class PoolSourceBackwardFunction : public torch::autograd::Function<PoolSourceBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext*, at::TensorList grad_out, at::TensorList saved, at::TensorList y,
-                               at::TensorList shift, at::TensorList weight, at::TensorList bn_weight,
-                               at::TensorList mean, at::TensorList var, at::IntArrayRef stride, bool ceil_mode,
-                               int64_t in_h, int64_t in_w, bool training, at::ArrayRef<double> eps) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList grad, at::IntArrayRef stride, bool ceil_mode,
+                               int64_t in_h, int64_t in_w, bool channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_x, grad_w, grad_gamma, grad_beta] = call_projections_backward(
-        grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps);
-    variable_list r{grad_x};
-    for (const auto* l : {&grad_w, &grad_gamma, &grad_beta}) r.insert(r.end(), l->begin(), l->end());
-    return r;
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["ceil_mode"] = ceil_mode;
+    return {call_pool_source_backward(grad, stride, ceil_mode, in_h, in_w, channels_last)};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list g = call_pool_source(grads[0], ctx->saved_data["stride"].toIntVector(),
+                                       ctx->saved_data["ceil_mode"].toBool());
+    g.resize(g.size() + 5);  // the non-tensor arguments
+    return g;
+  }
 };
 
-ProjectionsResult projections_forward_autograd(const at::Tensor& x, at::TensorList weight, at::TensorList bn_weight,
-                                               at::TensorList bn_bias, at::TensorList running_mean,
-                                               at::TensorList running_var, at::IntArrayRef stride, bool ceil_mode,
-                                               bool training, at::ArrayRef<double> eps) {
-  hires::check_projections(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps);
-  auto any_requires_grad = [](at::TensorList l) {
-    return std::any_of(l.begin(), l.end(), [](const at::Tensor& t) { return t.requires_grad(); });
-  };
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || any_requires_grad(weight) ||
-                                       any_requires_grad(bn_weight) || any_requires_grad(bn_bias))) {
+std::vector<at::Tensor> pool_source_autograd(const at::Tensor& x, at::IntArrayRef stride, bool ceil_mode) {
+  hires::check_pool_source(x, stride, ceil_mode);
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_projections_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode,
-                                    training, eps);
+    return call_pool_source(x, stride, ceil_mode);
   }
-  ProjectionsResult r;
-  std::get<0>(r) = ProjectionsFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                              ceil_mode, training, eps, &r);
-  return r;
+  return PoolSourceFunction::apply(x, stride, ceil_mode);
 }
 
-ProjectionsBackwardResult projections_backward_autograd(at::TensorList grad_out, at::TensorList saved,
-                                                        at::TensorList y, at::TensorList shift, at::TensorList weight,
-                                                        at::TensorList bn_weight, at::TensorList mean,
-                                                        at::TensorList var, at::IntArrayRef stride, bool ceil_mode,
-                                                        int64_t in_h, int64_t in_w, bool training,
-                                                        at::ArrayRef<double> eps) {
-  if (!at::GradMode::is_enabled()) {
+at::Tensor pool_source_backward_autograd(at::TensorList grad, at::IntArrayRef stride, bool ceil_mode, int64_t in_h,
+                                         int64_t in_w, bool channels_last) {
+  hires::check_pool_source_backward(grad, stride, ceil_mode, in_h, in_w);
+  const bool requires_grad = std::any_of(grad.begin(), grad.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+  if (!at::GradMode::is_enabled() || !requires_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_projections_backward(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h,
-                                     in_w, training, eps);
+    return call_pool_source_backward(grad, stride, ceil_mode, in_h, in_w, channels_last);
   }
-  const size_t k = grad_out.size();
-  auto r = ProjectionsBackwardFunction::apply(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride,
-                                              ceil_mode, in_h, in_w, training, eps);
-  auto slice = [&](size_t i) { return std::vector<at::Tensor>(r.begin() + 1 + i * k, r.begin() + 1 + (i + 1) * k); };
-  return {r[0], slice(0), slice(1), slice(2)};
+  return PoolSourceBackwardFunction::apply(grad, stride, ceil_mode, in_h, in_w, channels_last)[0];
 }
 
 }  // namespace
@@ -350,11 +239,6 @@ ProjectionsBackwardResult projections_backward_autograd(at::TensorList grad_out,
 TORCH_LIBRARY_IMPL(hires, Autograd, m) {
   m.impl("projection", &projection_autograd);
   m.impl("projection_backward", &projection_backward_autograd);
-  m.impl("projections_forward", &projections_forward_autograd);
-  m.impl("projections_update_stats", &projections_update_stats_autograd);
-  m.impl("projections_backward", &projections_backward_autograd);
-}
-
-TORCH_LIBRARY_IMPL(hires, CompositeImplicitAutograd, m) {
-  m.impl("projections", &projections_composite);
+  m.impl("pool_source", &pool_source_autograd);
+  m.impl("pool_source_backward", &pool_source_backward_autograd);
 }

@@ -18,15 +18,10 @@
 // grad_bn_weight, grad_bn_bias), with the eval-mode shift correction of grad_weight.
 // The math: hires_kernels/backends/reference.py.
 //
-// hires::projections runs every projection of one source x (csrc/projections.h): list
-// arguments hold one entry per target, x is read once, and each out_t = BN_t(W_t
-// avgpool_{s_t}(x)) has no residual (the targets' blocks add it when they run). It is a
-// composite of two ops (csrc/autograd.cpp), because an op that mutates its inputs cannot
-// return lists under torch.compile: hires::projections_forward (pure; it returns, per
-// target, out and what backward needs, as hires::projection does, with saved the pooled
-// input, empty where s_t = 1) and, in training, hires::projections_update_stats, the
-// running statistics' momentum update (count: the values per channel).
-// hires::projections_backward takes every target's grad_out and returns one grad_x.
+// hires::pool_source average-pools one source x once for every stride (> 1, distinct, each
+// dividing the next) that its projections need, one result per stride in x's dtype and
+// memory format (csrc/pool_source.h); each projection then runs at stride 1 on its pooled
+// input. hires::pool_source_backward sums every stride's gradient into one grad_x.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(hires, m) {
@@ -38,22 +33,10 @@ TORCH_LIBRARY(hires, m) {
       "projection_backward(Tensor grad_out, Tensor saved, Tensor y, Tensor shift, Tensor weight, Tensor? bn_weight, "
       "Tensor mean, Tensor var, int stride, bool ceil_mode, int in_h, int in_w, bool training, float eps) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  m.def("pool_source(Tensor x, int[] stride, bool ceil_mode) -> Tensor[]");
   m.def(
-      "projections(Tensor x, Tensor[] weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor(a!)[] running_mean, "
-      "Tensor(b!)[] running_var, int[] stride, bool ceil_mode, bool training, float[] momentum, float[] eps) "
-      "-> Tensor[]");
-  m.def(
-      "projections_forward(Tensor x, Tensor[] weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] running_mean, "
-      "Tensor[] running_var, int[] stride, bool ceil_mode, bool training, float[] eps) "
-      "-> (Tensor[] out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] mean, Tensor[] var)");
-  m.def(
-      "projections_update_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor[] weight, "
-      "Tensor[] shift, Tensor[] mean, Tensor[] var, int[] count, float[] momentum) -> ()");
-  m.def(
-      "projections_backward(Tensor[] grad_out, Tensor[] saved, Tensor[] y, Tensor[] shift, Tensor[] weight, "
-      "Tensor[] bn_weight, Tensor[] mean, Tensor[] var, int[] stride, bool ceil_mode, int in_h, int in_w, "
-      "bool training, float[] eps) -> (Tensor grad_x, Tensor[] grad_weight, Tensor[] grad_bn_weight, "
-      "Tensor[] grad_bn_bias)");
+      "pool_source_backward(Tensor[] grad, int[] stride, bool ceil_mode, int in_h, int in_w, bool channels_last) "
+      "-> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -7,7 +7,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .projection import call_projections, fused_projection, projection_reference
+from .pooling import pool_source
+from .projection import fused_projection, projection_reference
 
 __all__ = ["BatchNormArgs", "HierarchicalProjection", "batch_norm_args", "project_source"]
 
@@ -71,7 +72,10 @@ class HierarchicalProjection(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, pooled: bool = False
+                ) -> torch.Tensor:
+        """``residual + BN(conv(avgpool(x)))``; ``pooled=True``: ``x`` is already pooled by
+        this projection's stride (:func:`hires_kernels.pooling.pool_source`), so no pooling."""
         a = batch_norm_args(self.training, self.bn)
         if self.sync_group is not None and self.training:
             from .sync import sync_projection
@@ -82,7 +86,7 @@ class HierarchicalProjection(nn.Module):
         else:
             op, kwargs = projection_reference, {}
         out = op(x, self.conv.weight, self.bn.weight, self.bn.bias, a.running_mean, a.running_var, residual,
-                 stride=self.stride, training=a.training, momentum=a.momentum, eps=self.bn.eps,
+                 stride=1 if pooled else self.stride, training=a.training, momentum=a.momentum, eps=self.bn.eps,
                  ceil_mode=self.ceil_mode, **kwargs)
         if a.counter is not None:
             a.counter.add_(1)
@@ -92,32 +96,20 @@ class HierarchicalProjection(nn.Module):
         return f"stride={self.stride}, ceil_mode={self.ceil_mode}, fused={self.fused}"
 
 
-def project_source(x: torch.Tensor, projections: Sequence[HierarchicalProjection]) -> list[torch.Tensor]:
-    """``[p(x) for p in projections]``: every projection of one source ``x``, with the
-    same results, running statistics and ``num_batches_tracked`` as those calls.
-
-    Fused projections that can share a call (same mode, backend and ceil_mode, no
-    SyncBatchNorm group in training) run as one :func:`fused_projections` call: x is
-    read once for all of them and backward writes one grad_x. The others run one by one.
+def project_source(x: torch.Tensor, projections: Sequence[HierarchicalProjection],
+                   residuals: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """``[p(x, r) for p, r in zip(projections, residuals)]``, with ``x`` pooled once for all of
+    them (:func:`hires_kernels.pooling.pool_source`: one read of x, and in backward one
+    write of its gradient); each projection then runs at stride 1 on its pooled input.
+    Results, running statistics and ``num_batches_tracked`` are those of the separate calls.
     """
+    if residuals is None:
+        residuals = [None] * len(projections)
+    if len(residuals) != len(projections):
+        raise ValueError(f"project_source: {len(projections)} projections but {len(residuals)} residuals")
     if not projections:
         return []
-    first = projections[0]
-    training = first.training
-    if not all(p.fused and p.training == training and (p.sync_group is None or not training)
-               and p.backend == first.backend and p.ceil_mode == first.ceil_mode for p in projections):
-        return [p(x) for p in projections]
-    # Every attribute is read once: this runs per source on every step, and a submodule,
-    # parameter or buffer read goes through nn.Module.__getattr__.
-    bns = [p.bn for p in projections]
-    args = [batch_norm_args(training, bn) for bn in bns]
-    if any(a.training != args[0].training for a in args):
-        return [p(x) for p in projections]
-    outs = call_projections(
-        x, [p.conv.weight for p in projections], [bn.weight for bn in bns], [bn.bias for bn in bns],
-        [a.running_mean for a in args], [a.running_var for a in args], [p.stride for p in projections],
-        args[0].training, [a.momentum for a in args], [bn.eps for bn in bns], first.ceil_mode, first.backend)
-    counters = [a.counter for a in args if a.counter is not None]
-    if counters:
-        torch._foreach_add_(counters, 1)
-    return outs
+    if any(p.ceil_mode != projections[0].ceil_mode for p in projections):
+        return [p(x, r) for p, r in zip(projections, residuals)]
+    pooled = pool_source(x, [p.stride for p in projections], ceil_mode=projections[0].ceil_mode)
+    return [p(q, r, pooled=True) for p, q, r in zip(projections, pooled, residuals)]

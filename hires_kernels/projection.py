@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .pooling import pool_source
 from .shapes import data_shift, memory_format_of, pooled_size
 
 __all__ = ["fused_projection", "fused_projections", "projection_reference"]
@@ -392,60 +393,40 @@ def _per_target(value, k: int, name: str) -> list[float]:
     return values
 
 
-def _strides_nest(strides) -> bool:
-    s = sorted(strides)
-    return all(b % a == 0 for a, b in zip(s, s[1:]))
-
-
 def fused_projections(
-    x, weights, bn_weights, bn_biases, running_means, running_vars, *,
+    x, weights, bn_weights, bn_biases, running_means, running_vars, residuals=None, *,
     strides, training=True, momentum=0.1, eps=1e-5, ceil_mode=False, backend=None,
 ):
-    """Every projection of one source ``x``, ``[fused_projection(x, weights[t], bn_weights[t],
-    bn_biases[t], running_means[t], running_vars[t], stride=strides[t], ...) for t]``, without
-    residuals (the caller adds each result where its target needs it).
+    """Every projection of one source ``x``: ``[fused_projection(x, weights[t], bn_weights[t],
+    bn_biases[t], running_means[t], running_vars[t], residuals[t], stride=strides[t], ...) for t]``.
 
-    The compiled backends run it as one op (``torch.ops.hires.projections``): x is read
-    once for every target's pooling, and backward writes one grad_x, the targets'
-    contributions summed in the kernel instead of by autograd. Elsewhere (the Python
-    backends, torch.func transforms, affine=False or untracked statistics, strides that do
-    not divide one another) it makes one :func:`fused_projection` call per target, with the
-    same results.
+    ``x`` is pooled once for every target (:func:`hires_kernels.pooling.pool_source`: one
+    read of x, and in backward one write of its gradient), then each target's projection
+    runs at stride 1 on its pooled input, with its residual fused.
 
     Args:
         x: ``[N, C_in, H, W]``, as for :func:`fused_projection`.
         weights, bn_weights, bn_biases, running_means, running_vars: one entry per target.
+        residuals: None, or one entry (a tensor or None) per target.
         strides: each target's pooling factor.
         momentum, eps: one value for all targets or a sequence of one per target.
         training, ceil_mode, backend: as for :func:`fused_projection`, shared by the targets.
     """
     k = len(weights)
+    if k == 0:
+        _fail("no targets (weights is empty)")
+    residuals = [None] * k if residuals is None else residuals
     lists = {"bn_weights": bn_weights, "bn_biases": bn_biases, "running_means": running_means,
-             "running_vars": running_vars, "strides": strides}
+             "running_vars": running_vars, "residuals": residuals, "strides": strides}
     for name, values in lists.items():
         if len(values) != k:
             _fail(f"{name} needs one entry per target ({k} weights), got {len(values)}")
-    if k == 0:
-        _fail("no targets (weights is empty)")
-    return call_projections(x, list(weights), list(bn_weights), list(bn_biases), list(running_means),
-                            list(running_vars), list(strides), training, _per_target(momentum, k, "momentum"),
-                            _per_target(eps, k, "eps"), ceil_mode, backend)
-
-
-def call_projections(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, training, momenta, eps,
-                     ceil_mode, backend):
-    """:func:`fused_projections` on lists of one entry per target (momenta and eps too),
-    which the callers have checked."""
-    for s in strides:
+    momenta, epss = _per_target(momentum, k, "momentum"), _per_target(eps, k, "eps")
+    # Every target is checked before the first one's call moves its statistics.
+    for w, g, b, rm, rv, r, s, e in zip(weights, bn_weights, bn_biases, running_means, running_vars, residuals,
+                                        strides, epss):
         _check_python_types(x, s)
-    x, _ = _autocast(x, None)
-    name = backends.resolve_backend(backend, x.device, x.dtype)
-    complete = all(t is not None for ts in (bn_weights, bn_biases, running_means, running_vars) for t in ts)
-    if (complete and backends.serves_projections(name, x.device.type) and _strides_nest(strides)
-            and not torch._C._are_functorch_transforms_active()):
-        return backends.compiled_projections(x, weights, bn_weights, bn_biases, running_means, running_vars, strides,
-                                             ceil_mode, training, momenta, eps)
-    return [fused_projection(x, w, g, b, rm, rv, stride=s, training=training, momentum=m, eps=e, ceil_mode=ceil_mode,
-                             backend=name)
-            for w, g, b, rm, rv, s, m, e in zip(weights, bn_weights, bn_biases, running_means, running_vars, strides,
-                                                momenta, eps)]
+        _validate(x, w, g, b, rm, rv, r, s, training, e, ceil_mode)
+    return [fused_projection(p, w, g, b, rm, rv, r, stride=1, training=training, momentum=m, eps=e, backend=backend)
+            for p, w, g, b, rm, rv, r, m, e in zip(pool_source(x, strides, ceil_mode=ceil_mode), weights, bn_weights,
+                                                   bn_biases, running_means, running_vars, residuals, momenta, epss)]

@@ -305,44 +305,56 @@ def test_emulated_cuda_running_stats_strided_view(emulated_ops):
         assert rel(view, ref) <= 1e-5
 
 
-# --- every projection of one source (hires::projections) ------------------------------
+# --- every projection of one source (hires::pool_source) ------------------------------
 
 
 class Source:
-    """One source x and its targets, (C_out, stride) each: a Problem per target (without a
-    residual: the targets' blocks add it), all on the first one's x."""
+    """One source x and its targets, (C_out, stride) each: a Problem per target, all on the
+    first one's x. x is pooled once for every stride > 1 (hires::pool_source), each target
+    runs the projection at stride 1 on its pooled input with its residual, and backward
+    sums the targets' gradients into one grad_x (hires::pool_source_backward; a stride-1
+    target's gradient is added as autograd adds it)."""
 
     def __init__(self, n, c_in, h, w, targets, *, ceil=False, training=True, how="nchw", dtype=torch.float64,
                  seed=0):
-        self.problems = [Problem(n, c_in, c_out, h, w, s, ceil=ceil, training=training, how=how, residual=False,
-                                 dtype=dtype, seed=seed + t) for t, (c_out, s) in enumerate(targets)]
+        self.problems = [Problem(n, c_in, c_out, h, w, s, ceil=ceil, training=training, how=how,
+                                 dtype=dtype, seed=seed + t)
+                         for t, (c_out, s) in enumerate(targets)]
         for p in self.problems[1:]:
             p.x = self.problems[0].x
         self.x, self.strides = self.problems[0].x, [p.stride for p in self.problems]
+        self.levels = sorted({s for s in self.strides if s > 1})
         self.ceil, self.training, self.h, self.w = ceil, training, h, w
 
-    def lists(self, *names):
-        return [[getattr(p, name) for p in self.problems] for name in names]
-
     def forward(self, ops):
-        """The op's results and the running statistics it updated (copies of the problems')."""
-        running = [[p.running[i].clone() for p in self.problems] for i in (0, 1)]
-        weight, gamma, beta, momentum, eps = self.lists("weight", "gamma", "beta", "momentum", "eps")
-        results = ops.projections_forward(self.x, weight, gamma, beta, *running, self.strides, self.ceil,
-                                          self.training, eps)
-        if self.training:  # hires::projections' second step (csrc/autograd.cpp)
-            out, _, _, shift, mean, var = results
-            ops.projections_update_stats(*running, weight, shift, mean, var, [o.numel() // o.shape[1] for o in out],
-                                         momentum)
-        return results, running
+        """(each target's input, its op results) and the running statistics the ops updated."""
+        pooled = dict(zip(self.levels, ops.pool_source(self.x, self.levels, self.ceil))) if self.levels else {}
+        inputs, results, running = [], [], ([], [])
+        for p in self.problems:
+            rm, rv = (t.clone() for t in p.running)
+            x = pooled.get(p.stride, self.x)
+            inputs.append(x)
+            results.append(ops.projection(x, p.weight, p.gamma, p.beta, rm, rv, p.residual, 1, False, p.training,
+                                          p.momentum, p.eps))
+            running[0].append(rm)
+            running[1].append(rv)
+        return (inputs, results), running
 
-    def backward(self, ops, results):
-        _, saved, y, shift, mean, var = results
-        # Where s = 1 the op saved nothing: backward takes x itself, as csrc/autograd.cpp passes it.
-        saved = [self.x if s == 1 else t for s, t in zip(self.strides, saved)]
-        grad_out, weight, gamma, eps = self.lists("grad_out", "weight", "gamma", "eps")
-        return ops.projections_backward(grad_out, saved, y, shift, weight, gamma, mean, var, self.strides,
-                                        self.ceil, self.h, self.w, self.training, eps)
+    def backward(self, ops, forward):
+        """(grad_x, [(grad_weight, grad_bn_weight, grad_bn_bias) per target])."""
+        inputs, results = forward
+        grads, params = {}, []
+        for p, x, (_, _, y, shift, mean, var) in zip(self.problems, inputs, results):
+            gx, gw, gg, gb = ops.projection_backward(p.grad_out, x, y, shift, p.weight, p.gamma, mean, var, 1, False,
+                                                     x.shape[2], x.shape[3], p.training, p.eps)
+            grads.setdefault(p.stride, []).append(gx)
+            params.append((gw, gg, gb))
+        # Targets of one stride share its pooled tensor: autograd sums their gradients first.
+        grad_x = (ops.pool_source_backward([functools.reduce(torch.add, grads[s]) for s in self.levels], self.levels, self.ceil, self.h, self.w,
+                                           self.problems[0].channels_last) if self.levels else None)
+        for g in grads.get(1, []):
+            grad_x = g if grad_x is None else grad_x + g
+        return grad_x, params
 
     def run_eager(self, dtype):
         """Each target's eager run, and grad_x summed over the targets in `dtype` as autograd sums it."""
@@ -351,23 +363,21 @@ class Source:
 
 
 def check_source(source: Source, ops, dtype, tol):
-    results, running = source.forward(ops)
-    out, saved, y = results[:3]
-    assert all(t.numel() == 0 for t in y)
-    assert [t.numel() == 0 for t in saved] == [s == 1 for s in source.strides]
-    pointers = [t.data_ptr() for t in saved if t.numel()]
-    assert len(set(pointers)) == len(pointers), "two targets' saved inputs alias"
-    grad_x, grad_w, grad_gamma, grad_beta = source.backward(ops, results)
+    forward, running = source.forward(ops)
+    pooled = [x for x, s in zip(forward[0], source.strides) if s > 1]
+    assert len({x.data_ptr() for x in pooled}) == len(source.levels), "one pooled input per stride"
+    grad_x, params = source.backward(ops, forward)
     ref, ref_grad_x = source.run_eager(torch.float64)
     same, same_grad_x = source.run_eager(dtype) if dtype != torch.float64 else (ref, ref_grad_x)
     fmt = torch.channels_last if source.problems[0].channels_last else torch.contiguous_format
     assert grad_x.dtype == source.x.dtype and grad_x.is_contiguous(memory_format=fmt)
     pairs = [("grad_x", grad_x, ref_grad_x, same_grad_x)]
-    for t, (r, e) in enumerate(zip(ref, same)):
-        assert out[t].dtype == source.x.dtype and out[t].is_contiguous(memory_format=fmt)
-        pairs += [(f"out[{t}]", out[t], r[0], e[0]), (f"grad_weight[{t}]", grad_w[t], r[1][1], e[1][1]),
-                  (f"grad_bn_weight[{t}]", grad_gamma[t], r[1][2], e[1][2]),
-                  (f"grad_bn_bias[{t}]", grad_beta[t], r[1][3], e[1][3])]
+    for t, (r, e, res, grads) in enumerate(zip(ref, same, forward[1], params)):
+        out = res[0]
+        assert out.dtype == source.x.dtype and out.is_contiguous(memory_format=fmt)
+        pairs += [(f"out[{t}]", out, r[0], e[0]), (f"grad_weight[{t}]", grads[0], r[1][1], e[1][1]),
+                  (f"grad_bn_weight[{t}]", grads[1], r[1][2], e[1][2]),
+                  (f"grad_bn_bias[{t}]", grads[2], r[1][3], e[1][3])]
         if source.training:
             pairs += [(f"running_mean[{t}]", running[0][t], r[2][0], e[2][0]),
                       (f"running_var[{t}]", running[1][t], r[2][1], e[2][1])]
@@ -412,22 +422,6 @@ def test_emulated_projections_low_precision(emulated_ops, dtype, how, training):
     source = Source(2, 9, 7, 9, [(7, 1), (6, 2), (5, 4)], ceil=True, training=training, how=how, dtype=dtype,
                     seed=3)
     check_source(source, emulated_ops, dtype, _within_eager(dtype))
-
-
-def test_emulated_statistics_update_of_any_layout(emulated_ops):
-    """The statistics update runs a kernel on contiguous float32 running statistics and
-    ATen on others (a strided view, another dtype): the same values either way."""
-    source = Source(2, 5, 8, 8, [(40, 2), (6, 4)], ceil=True, training=True, dtype=torch.float32)
-    results, running = source.forward(emulated_ops)  # contiguous float32: the kernel
-    _, _, _, shift, mean, var = results
-    weight, momentum = source.lists("weight", "momentum")
-    count = [o.numel() // o.shape[1] for o in results[0]]
-    for make in (lambda t: torch.zeros(2 * t.numel()).index_copy(0, torch.arange(0, 2 * t.numel(), 2), t)[::2],
-                 lambda t: t.double()):
-        other = [[make(p.running[i]) for p in source.problems] for i in (0, 1)]
-        emulated_ops.projections_update_stats(*other, weight, shift, mean, var, count, momentum)
-        for got, want in zip(other[0] + other[1], running[0] + running[1]):
-            torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=1e-6)
 
 
 LARGE_TILE_CASES = [SOURCE_CASES[7], SOURCE_CASES[8]]

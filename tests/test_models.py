@@ -166,7 +166,7 @@ def test_fused_equals_eager(name, side):
 @pytest.mark.parametrize("sources", ["all", "stem"])
 def test_fused_equals_eager_in_float32(sources):
     """Outputs, every gradient and the running statistics within float32 tolerance
-    after two training steps (the per-source op updates its statistics once a step)."""
+    after two training steps (each level feeding several stages pooled once a step)."""
     torch.manual_seed(0)
     fused = narrow("hiresnet18", sources=sources, fused=True)
     eager = narrow("hiresnet18", sources=sources, fused=False)
@@ -181,34 +181,33 @@ def test_fused_equals_eager_in_float32(sources):
     torch.testing.assert_close(fused.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.hires, "projections"), reason="the C++ extension is not built")
-@pytest.mark.parametrize("sources, forward_ops, backward_ops", [
-    ("all", ["hires.projections_forward", "hires.projections_forward", "hires.projection"],
-     ["hires.projection_backward", "hires.projections_backward", "hires.projections_backward"]),
-    ("stem", ["hires.projections_forward"], ["hires.projections_backward"]),
-])
-def test_one_call_per_source(sources, forward_ops, backward_ops):
-    """A fused HiResNet-18 projects each source level once: x_0 feeds 3 stages and x_1 2
-    through one per-source op each; x_2, the only source of its stage, keeps the op with
-    the fused residual add. Backward writes one gradient per source."""
+@pytest.mark.skipif(not hasattr(torch.ops.hires, "pool_source"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("sources, pools, projections", [("all", 2, 6), ("stem", 1, 3)])
+def test_each_source_pooled_once(sources, pools, projections):
+    """A fused HiResNet-18 pools each level that feeds several stages once (x_0 feeds 3
+    and x_1 2 with "all"), and each target block runs its projection at stride 1 with its
+    residual fused; x_2, the only source of its stage, keeps the op that pools it itself.
+    Backward writes one gradient per pooled source. Evaluation and no-grad forwards take
+    the same calls."""
+    from collections import Counter
+
     from test_projection import _RecordOps
 
     def ours(mode):
-        return [op for op in mode.ops if op.startswith("hires.") and op != "hires.projections_update_stats"]
+        return Counter(op for op in mode.ops if op.startswith("hires."))
 
     model = narrow("hiresnet18", sources=sources, fused=True).train()
     with _RecordOps() as fwd:
         out = model(torch.randn(2, 3, 16, 16))
     with _RecordOps() as bwd:
         out.sum().backward()
-    assert ours(fwd) == forward_ops
-    assert ours(bwd) == backward_ops
-    # Without a backward to share, each block makes its own call with the residual fused.
+    assert ours(fwd) == {"hires.pool_source": pools, "hires.projection": projections}
+    assert ours(bwd) == {"hires.pool_source_backward": pools, "hires.projection_backward": projections}
     for train, grad in ((False, True), (True, False)):
         model.train(train)
         with _RecordOps() as fwd, torch.set_grad_enabled(grad):
             model(torch.randn(2, 3, 16, 16))
-        assert ours(fwd) == ["hires.projection"] * model.num_projections()
+        assert ours(fwd) == {"hires.pool_source": pools, "hires.projection": projections}
 
 
 def test_state_dicts_are_interchangeable():

@@ -1,5 +1,6 @@
-"""Every projection of one source in one call (``fused_projections``, ``project_source``,
-``torch.ops.hires.projections``) against a float64 run of the eager composition per target."""
+"""Every projection of one source (``pool_source``, ``fused_projections``, ``project_source``):
+the source pooled once by ``torch.ops.hires.pool_source``, each target projected at stride 1,
+against a float64 run of the eager composition per target."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import hires_kernels
-from hires_kernels import HierarchicalProjection, fused_projections, project_source
+from hires_kernels import HierarchicalProjection, fused_projections, pool_source, project_source
 from hires_kernels.projection import projection_reference
 from hires_kernels.shapes import pooled_size
 from projection_cases import backend_params, layout, rel_err
@@ -18,7 +19,7 @@ from test_projection import _RecordOps, check
 # Triton (interpreted in CI) takes the same per-target path as reference, which runs here.
 BACKENDS = [p for p in backend_params() if p.values[0] != "triton"]
 COMPILED = [p for p in BACKENDS if p.values[0] in ("cpu", "cuda")]
-needs_op = pytest.mark.skipif(not hasattr(torch.ops.hires, "projections"), reason="the C++ extension is not built")
+needs_op = pytest.mark.skipif(not hasattr(torch.ops.hires, "pool_source"), reason="the C++ extension is not built")
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,10 @@ def test_large_mean_as_accurate_as_eager(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
-def test_one_op_per_direction(backend, device):
-    """A training forward + backward of three targets dispatches the per-source forward op,
-    the running statistics' update and the backward op, nothing else (hires::projections
-    is their composite); an eval forward, one op."""
+def test_source_read_by_one_pooling_call(backend, device):
+    """A training forward + backward of three targets dispatches one pooling call, the three
+    stride-1 projections, their backwards and one pooling backward (one grad_x), nothing
+    else; an eval forward, the pooling call and the projections."""
     src = Source()
     x, grads, params = make(src, torch.float32, device)
     x.requires_grad_()
@@ -155,11 +156,50 @@ def test_one_op_per_direction(backend, device):
     args = (x, *(list(ts) for ts in zip(*params)))
     with _RecordOps() as mode:
         outs = fused_projections(*args, strides=[2, 4, 8], ceil_mode=True, backend=backend)
+    assert mode.ops == ["hires.pool_source"] + ["hires.projection"] * 3
+    with _RecordOps() as mode:
         torch.autograd.grad(outs, leaves, grads)
-    assert mode.ops == ["hires.projections_forward", "hires.projections_update_stats", "hires.projections_backward"]
+    assert mode.ops == ["hires.projection_backward"] * 3 + ["hires.pool_source_backward"]
     with _RecordOps() as mode, torch.no_grad():
         fused_projections(*args, strides=[2, 4, 8], ceil_mode=True, training=False, backend=backend)
-    assert mode.ops == ["hires.projections_forward"]
+    assert mode.ops == ["hires.pool_source"] + ["hires.projection"] * 3
+
+
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_pool_source_is_avg_pool2d_per_stride(dtype, ceil_mode, layout_name):
+    """Each result is avg_pool2d of x (count_include_pad=False) in x's dtype and layout:
+    floor mode's trailing pixels and ceil mode's partial windows included; a stride of 1
+    gives x itself and a repeated stride one shared tensor. Its gradient is the sum of the
+    strides' avg_pool2d gradients."""
+    torch.manual_seed(0)
+    x = layout(torch.randn(2, 5, 13, 11, dtype=torch.float64).to(dtype), layout_name).requires_grad_()
+    strides = [4, 1, 2, 8, 2]
+    got = pool_source(x, strides, ceil_mode=ceil_mode)
+    assert got[1] is x and got[2] is got[4]
+    want = [torch.nn.functional.avg_pool2d(x, s, s, ceil_mode=ceil_mode, count_include_pad=False) if s > 1 else x
+            for s in strides]
+    tol = {"rtol": 0, "atol": 0} if dtype == torch.float64 else {}
+    fmt = torch.channels_last if layout_name == "channels_last" else torch.contiguous_format
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and (g is x or g.is_contiguous(memory_format=fmt))
+        torch.testing.assert_close(g, w, **(tol if dtype != torch.float64 else {"rtol": 1e-15, "atol": 1e-15}))
+    grads = [torch.randn_like(w) for w in want]
+    gx_got, = torch.autograd.grad(got, x, grads)
+    gx_want, = torch.autograd.grad(want, x, grads)
+    assert gx_got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(gx_got, gx_want, **({"rtol": 1e-15, "atol": 1e-15} if dtype == torch.float64 else
+                                                   {"rtol": 1e-2, "atol": 1e-2}))
+
+
+@needs_op
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_pool_source_gradcheck_and_gradgradcheck(ceil_mode):
+    """The op and its backward are each other's adjoint, so double backward works too."""
+    x = torch.randn(2, 3, 9, 17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tuple(pool_source(x, [2, 4, 8], ceil_mode=ceil_mode)), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: tuple(pool_source(x, [2, 4, 8], ceil_mode=ceil_mode)), (x,))
 
 
 @needs_op
@@ -182,18 +222,15 @@ def test_gradcheck_float64(training, strides):
 
 
 @needs_op
-@pytest.mark.parametrize("src", [Source(), Source(h=9, w=7, targets=((3, 1), (6, 2)), layout="channels_last",
-                                                   training=False)], ids=str)
-def test_opcheck(src):
-    x, _, params = make(src, torch.float32)
-    x = layout(x, src.layout).requires_grad_()
-    ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
-    for t in ws + gs + bs:
-        t.requires_grad_()
-    k = len(ws)
-    torch.library.opcheck(torch.ops.hires.projections.default,
-                          (x, ws, gs, bs, rms, rvs, [s for _, s in src.targets], src.ceil_mode, src.training,
-                           [0.1] * k, [1e-5] * k))
+@pytest.mark.parametrize("how", ["nchw", "channels_last"])
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_opcheck(how, ceil_mode):
+    x = layout(torch.randn(2, 3, 9, 7), how).requires_grad_()
+    torch.library.opcheck(torch.ops.hires.pool_source.default, (x, [4, 2], ceil_mode))
+    grads = [layout(torch.randn(2, 3, pooled_size(9, s, ceil_mode), pooled_size(7, s, ceil_mode)), how)
+             for s in (4, 2)]
+    torch.library.opcheck(torch.ops.hires.pool_source_backward.default,
+                          (grads, [4, 2], ceil_mode, 9, 7, how == "channels_last"))
 
 
 @needs_op
@@ -206,27 +243,35 @@ def test_bad_arguments_are_refused_before_any_update():
         fused_projections(x, ws, gs, bs, rms, rvs, strides=[2, 4])
     with pytest.raises(ValueError, match="momentum needs one value per target"):
         fused_projections(x, ws, gs, bs, rms, rvs, strides=[2, 4, 8], momentum=[0.1, 0.1])
-    op = torch.ops.hires.projections.default
-    with pytest.raises(ValueError, match="every stride must divide the larger ones"):
-        op(x, ws, gs, bs, rms, rvs, [2, 3, 8], True, True, [0.1] * 3, [1e-5] * 3)
-    with pytest.raises(ValueError, match="one entry per target"):
-        op(x, ws, gs, bs[:2], rms, rvs, [2, 4, 8], True, True, [0.1] * 3, [1e-5] * 3)
     # The last target is wrong: the first two must not have updated their statistics.
     bad = ws[:2] + [torch.randn(5, 4)]
     with pytest.raises(ValueError, match="weight has 4 input channels but x has C_in=5"):
-        op(x, bad, gs, bs, rms, rvs, [2, 4, 8], True, True, [0.1] * 3, [1e-5] * 3)
+        fused_projections(x, bad, gs, bs, rms, rvs, strides=[2, 4, 8])
     for a, b in zip(before, rms + rvs):
         assert torch.equal(a, b)
+    op = torch.ops.hires.pool_source.default
+    for strides, match in (([2, 3], "every stride must divide the larger ones"), ([2, 2], "strides must be distinct"),
+                           ([1, 2], "every stride must be > 1"), ([], "no strides")):
+        with pytest.raises(ValueError, match=match):
+            op(x, strides, True)
+    with pytest.raises(ValueError, match="is larger than the input"):
+        op(x, [16], False)
+    with pytest.raises(ValueError, match="one gradient per stride"):
+        torch.ops.hires.pool_source_backward(op(x, [2, 4], True)[:1], [2, 4], True, 8, 8, False)
+    with pytest.raises(ValueError, match=r"grad\[0\] .* is not the input 8x8 pooled with stride 2"):
+        torch.ops.hires.pool_source_backward(op(x, [2, 4], True)[::-1], [2, 4], True, 8, 8, False)
+    with pytest.raises(ValueError, match="every stride must be an integer >= 1"):
+        pool_source(x, [2, 0])
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
 def test_strides_that_do_not_nest_run_per_target(backend, device):
-    """Pooling sums are shared only between strides that divide one another; 2 and 3 run
-    one call per target, with the same results."""
+    """Pooling sums are shared only between strides that divide one another; 2 and 3 are
+    pooled by avg_pool2d each, with the same results."""
     src = Source(h=12, w=12, targets=((4, 2), (5, 3)))
     with _RecordOps() as mode:
         got = run_all(fused_projections, src, *make(src, torch.float32, device), backend=backend)
-    assert "hires.projections_forward" not in mode.ops
+    assert "hires.pool_source" not in mode.ops
     check(errors(got, oracle(src, torch.float32)), 1e-5)
 
 
@@ -270,7 +315,8 @@ def test_project_source_equals_separate_calls(kwargs, training):
 
 @needs_op
 def test_under_torch_func_grad_matches_reference():
-    """torch.func transforms run the targets one by one (each fused call serves them)."""
+    """Under torch.func transforms x is pooled by avg_pool2d per stride, and each fused call
+    serves its target."""
     src = Source(targets=((6, 2), (7, 4)))
     x, _, params = make(src)
     ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
@@ -306,7 +352,7 @@ def test_compiles_fullgraph():
 
 
 def test_exported_names():
-    assert {"fused_projections", "project_source"} <= set(hires_kernels.__all__)
+    assert {"fused_projections", "pool_source", "project_source"} <= set(hires_kernels.__all__)
 
 
 @needs_op
@@ -327,8 +373,8 @@ def test_training_forward_under_inference_mode_updates_statistics():
 
 @needs_op
 def test_under_bf16_autocast_like_separate_calls():
-    """Under autocast the per-source op runs in the autocast dtype, as each
-    fused_projection call would; statistics stay float32."""
+    """Under autocast each target's projection runs in the autocast dtype (x is pooled in
+    its own dtype, as eager's avg_pool2d pools it); statistics stay float32."""
     src = Source()
     mods, ref = _projections(src), _projections(src)
     x = torch.randn(3, 5, 8, 8)

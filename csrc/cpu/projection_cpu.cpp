@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "../projection_args.h"
-#include "../projections.h"
+#include "../pool_source.h"
 
 // Innermost loops run over contiguous channels or columns.
 #define HIRES_SIMD _Pragma("omp simd")
@@ -872,7 +872,7 @@ hires::ProjectionBackwardResult projection_backward_cpu(
 
 
 // ------------------------------------------------------------------------------------
-// Every projection of one source (csrc/projections.h): the pooling kernels.
+// hires::pool_source and its backward (csrc/pool_source.h).
 //
 // Both work on blocks of S input rows of one image, S the largest stride: the block holds
 // whole windows of every stride, so each pass reads (or writes) its part of x once. Sums
@@ -881,20 +881,17 @@ hires::ProjectionBackwardResult projection_backward_cpu(
 // padding. Buffers of a block are laid out like the activations: [C, T] for NCHW, [T, C]
 // for NHWC, T the block's positions of one stride.
 
-// The distinct strides > 1, ascending; their pooled sizes.
+// The strides (checked: > 1, distinct, nested), ascending; their pooled sizes.
 struct Levels {
   std::vector<int64_t> s, ho, wo;
-  Levels(at::IntArrayRef strides, int64_t H, int64_t W, bool ceil_mode) {
-    for (int64_t v : strides)
-      if (v > 1) s.push_back(v);
+  Levels(at::IntArrayRef strides, int64_t H, int64_t W, bool ceil_mode) : s(strides.begin(), strides.end()) {
     std::sort(s.begin(), s.end());
-    s.erase(std::unique(s.begin(), s.end()), s.end());
     for (int64_t v : s) {
       ho.push_back(pooled_size(H, v, ceil_mode));
       wo.push_back(pooled_size(W, v, ceil_mode));
     }
   }
-  int64_t block() const { return s.empty() ? 1 : s.back(); }
+  int64_t block() const { return s.back(); }
   // Level i's rows [row0, row0 + rows(i, R)) in block R.
   int64_t row0(size_t i, int64_t R) const { return R * (block() / s[i]); }
   int64_t rows(size_t i, int64_t R) const {
@@ -977,45 +974,33 @@ void pool_levels(const at::Tensor& x, const Levels& lv, std::vector<at::Tensor>&
   });
 }
 
-std::vector<at::Tensor> pool_many_cpu(const at::Tensor& x, at::IntArrayRef strides, bool ceil_mode) {
+std::vector<at::Tensor> pool_source_cpu(const at::Tensor& x_in, at::IntArrayRef strides, bool ceil_mode) {
+  hires::check_pool_source(x_in, strides, ceil_mode);
+  const auto fmt = hires::memory_format_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const Levels lv(strides, H, W, ceil_mode);
-  const auto fmt = hires::memory_format_of(x);
   std::vector<at::Tensor> level_out;
   for (size_t i = 0; i < lv.s.size(); ++i)
     level_out.push_back(at::empty({N, C, lv.ho[i], lv.wo[i]}, x.options().memory_format(fmt)));
-  if (!lv.s.empty()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool_many_cpu", [&] {
-      (fmt == at::MemoryFormat::ChannelsLast ? pool_levels<scalar_t, true> : pool_levels<scalar_t, false>)(x, lv,
-                                                                                                       level_out);
-    });
-  }
-  // Outputs of the op: none may alias x or another (a second target of the same stride
-  // gets a copy).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool_source_cpu", [&] {
+    (fmt == at::MemoryFormat::ChannelsLast ? pool_levels<scalar_t, true> : pool_levels<scalar_t, false>)(x, lv,
+                                                                                                     level_out);
+  });
   std::vector<at::Tensor> pooled;
-  std::vector<char> given(lv.s.size(), 0);
-  for (int64_t s : strides) {
-    if (s == 1) {
-      pooled.push_back(x);
-      continue;
-    }
-    const size_t i = lv.index(s);
-    pooled.push_back(given[i] ? level_out[i].clone() : level_out[i]);
-    given[i] = 1;
-  }
+  for (int64_t s : strides) pooled.push_back(level_out[lv.index(s)]);
   return pooled;
 }
 
-// grad_x = sum over targets of grads[t] / |window| spread over its windows: the per-element
+// grad_x = sum over strides of grads[i] / |window| spread over its windows: the per-element
 // value of a window is its own plus its coarser parent's, built from the coarsest level
 // down, then written once per element of x (0 outside every window, in floor mode).
 template <typename scalar_t, bool CL, typename acc_t = at::opmath_type<scalar_t>>
-void unpool_levels(const std::vector<const scalar_t*>& level_grads, const std::vector<const scalar_t*>& full_grads,
-                   const Levels& lv, int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* dx) {
+void unpool_levels(const std::vector<const scalar_t*>& level_grads, const Levels& lv, int64_t N, int64_t C, int64_t H,
+                   int64_t W, scalar_t* dx) {
   const int64_t S = lv.block(), blocks = (H + S - 1) / S, L = lv.s.size();
   at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
     std::vector<std::vector<acc_t>> vals(L);
-    std::vector<acc_t> row(CL ? 0 : W);
     for (int64_t item = b; item < e; ++item) {
       const int64_t n = item / blocks, R = item % blocks;
       for (int64_t i = L - 1; i >= 0; --i) {
@@ -1050,36 +1035,27 @@ void unpool_levels(const std::vector<const scalar_t*>& level_grads, const std::v
         }
       }
       const int64_t h0 = R * S, h1 = std::min(H, h0 + S);
-      const int64_t s1 = L ? lv.s[0] : 1, Wo1 = L ? lv.wo[0] : 0, r01 = L ? lv.row0(0, R) : 0;
-      const int64_t rows1 = L ? lv.rows(0, R) : 0, T1 = rows1 * Wo1;
-      const acc_t* V1 = L ? vals[0].data() : nullptr;
+      const int64_t s1 = lv.s[0], Wo1 = lv.wo[0], r01 = lv.row0(0, R), rows1 = lv.rows(0, R), T1 = rows1 * Wo1;
+      const acc_t* V1 = vals[0].data();
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t lr = h / s1 - r01;
-        const bool row_in = L && lr < rows1;
+        const bool row_in = lr < rows1;
         if (CL) {
           for (int64_t w = 0; w < W; ++w) {
-            const int64_t off = ((n * H + h) * W + w) * C;
-            scalar_t* __restrict__ o = dx + off;
-            const bool in = row_in && w / s1 < Wo1;
-            const acc_t* __restrict__ v = in ? V1 + (lr * Wo1 + w / s1) * C : nullptr;
-            for (int64_t c = 0; c < C; ++c) {
-              acc_t a = v ? v[c] : acc_t(0);
-              for (const scalar_t* f : full_grads) a += static_cast<acc_t>(f[off + c]);
-              o[c] = static_cast<scalar_t>(a);
+            scalar_t* __restrict__ o = dx + ((n * H + h) * W + w) * C;
+            if (row_in && w / s1 < Wo1) {
+              const acc_t* __restrict__ v = V1 + (lr * Wo1 + w / s1) * C;
+              HIRES_SIMD
+              for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(v[c]);
+            } else {
+              std::fill(o, o + C, scalar_t(0));
             }
           }
         } else {
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t off = ((n * C + c) * H + h) * W;
+            scalar_t* __restrict__ o = dx + ((n * C + c) * H + h) * W;
             for (int64_t w = 0; w < W; ++w)
-              row[w] = row_in && w / s1 < Wo1 ? V1[c * T1 + lr * Wo1 + w / s1] : acc_t(0);
-            for (const scalar_t* f : full_grads) {
-              HIRES_SIMD
-              for (int64_t w = 0; w < W; ++w) row[w] += static_cast<acc_t>(f[off + w]);
-            }
-            scalar_t* __restrict__ o = dx + off;
-            HIRES_SIMD
-            for (int64_t w = 0; w < W; ++w) o[w] = static_cast<scalar_t>(row[w]);
+              o[w] = static_cast<scalar_t>(row_in && w / s1 < Wo1 ? V1[c * T1 + lr * Wo1 + w / s1] : acc_t(0));
           }
         }
       }
@@ -1087,46 +1063,22 @@ void unpool_levels(const std::vector<const scalar_t*>& level_grads, const std::v
   });
 }
 
-at::Tensor unpool_sum_cpu(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H, int64_t W,
-                          at::MemoryFormat fmt) {
+at::Tensor pool_source_backward_cpu(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H,
+                                    int64_t W, bool channels_last) {
+  hires::check_pool_source_backward(grads, strides, ceil_mode, H, W);
+  const auto fmt = hires::format_of(channels_last);
   const int64_t N = grads[0].size(0), C = grads[0].size(1);
   const Levels lv(strides, H, W, ceil_mode);
-  // Targets of the same stride add up at their level first (small tensors).
-  std::vector<at::Tensor> level(lv.s.size()), full;
-  for (size_t t = 0; t < grads.size(); ++t) {
-    const at::Tensor g = grads[t].contiguous(fmt);
-    if (strides[t] == 1) {
-      full.push_back(g);
-    } else {
-      at::Tensor& l = level[lv.index(strides[t])];
-      l = l.defined() ? (l + g).contiguous(fmt) : g;
-    }
-  }
+  std::vector<at::Tensor> level(lv.s.size());
+  for (size_t t = 0; t < grads.size(); ++t) level[lv.index(strides[t])] = grads[t].contiguous(fmt);
   at::Tensor dx = at::empty({N, C, H, W}, grads[0].options().memory_format(fmt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dx.scalar_type(), "unpool_sum_cpu", [&] {
-    std::vector<const scalar_t*> lp, fp;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dx.scalar_type(), "pool_source_backward_cpu", [&] {
+    std::vector<const scalar_t*> lp;
     for (const auto& l : level) lp.push_back(l.const_data_ptr<scalar_t>());
-    for (const auto& f : full) fp.push_back(f.const_data_ptr<scalar_t>());
     (fmt == at::MemoryFormat::ChannelsLast ? unpool_levels<scalar_t, true> : unpool_levels<scalar_t, false>)(
-        lp, fp, lv, N, C, H, W, dx.mutable_data_ptr<scalar_t>());
+        lp, lv, N, C, H, W, dx.mutable_data_ptr<scalar_t>());
   });
   return dx;
-}
-
-const hires::DeviceKernels kCpuKernels{pool_many_cpu, unpool_sum_cpu, projection_cpu, projection_backward_cpu};
-
-void projections_update_stats_cpu(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
-                                  at::TensorList shift, at::TensorList mean, at::TensorList var, at::IntArrayRef count,
-                                  at::ArrayRef<double> momentum) {
-  for (size_t t = 0; t < weight.size(); ++t) {
-    AT_DISPATCH_FLOATING_TYPES(mean[t].scalar_type(), "projections_update_stats_cpu", [&] {
-      const at::Tensor w = weight[t].reshape({weight[t].size(0), weight[t].size(1)}).to(mean[t].scalar_type());
-      const at::Tensor sh = shift[t].contiguous(), m = mean[t].contiguous(), v = var[t].contiguous();
-      update_running_stats(running_mean[t], running_var[t], m.const_data_ptr<scalar_t>(),
-                           weight_times(w.contiguous(), sh.const_data_ptr<scalar_t>()), v.const_data_ptr<scalar_t>(),
-                           count[t], momentum[t]);
-    });
-  }
 }
 
 }  // namespace
@@ -1134,7 +1086,6 @@ void projections_update_stats_cpu(at::TensorList running_mean, at::TensorList ru
 TORCH_LIBRARY_IMPL(hires, CPU, m) {
   m.impl("projection", &projection_cpu);
   m.impl("projection_backward", &projection_backward_cpu);
-  m.impl("projections_forward", &hires::projections_forward_op<kCpuKernels>);
-  m.impl("projections_update_stats", &projections_update_stats_cpu);
-  m.impl("projections_backward", &hires::projections_backward_op<kCpuKernels>);
+  m.impl("pool_source", &pool_source_cpu);
+  m.impl("pool_source_backward", &pool_source_backward_cpu);
 }

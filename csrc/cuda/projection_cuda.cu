@@ -1,9 +1,9 @@
 // CUDA kernels of the fused projection: avgpool_s(x - shift) -> 1x1 conv -> BatchNorm
 // (-> + residual), forward and backward, registered as the CUDA kernels of hires::projection
 // and hires::projection_backward (csrc/ops.cpp: the schema and what each result means), and
-// of hires::projections / projections_backward, every projection of one source (its pooling
-// kernels PM and PU at the end of the device code; csrc/projections.h composes them with
-// the launches below, run at stride 1 on each pooled input).
+// of hires::pool_source / pool_source_backward, one source pooled once for every projection
+// it feeds (kernels PM and PU at the end of the device code; csrc/pool_source.h); the
+// projections then run the launches below at stride 1 on their pooled inputs.
 // Every per-call step runs on the GPU: the data shift, the statistics, the running-statistics
 // update and eval's corrections. The math is that of hires_kernels/backends/reference.py.
 //
@@ -81,7 +81,7 @@
 #include <vector>
 
 #include "../projection_args.h"
-#include "../projections.h"
+#include "../pool_source.h"
 
 namespace hires_cuda {
 
@@ -540,25 +540,6 @@ __global__ void __launch_bounds__(FIN_THREADS) fwd_finalize_kernel(
   }
 }
 
-// hires::projections_update_stats for one target (its forward ran without running
-// statistics): running <- (1 - momentum) running + momentum (mean + W shift, unbiased var),
-// one warp per channel, as fwd_finalize_kernel does for a single projection.
-template <typename acc_t>
-__global__ void __launch_bounds__(FIN_THREADS) update_stats_kernel(
-    const acc_t* mean, const acc_t* var, const acc_t* weight, const acc_t* shift, int C_in, int C_out, acc_t unbias,
-    acc_t momentum, acc_t* running_mean, acc_t* running_var) {
-  const int lane = threadIdx.x % 32;
-  const int co = blockIdx.x * FIN_CHANNELS + threadIdx.x / 32;
-  if (co >= C_out) return;  // whole warps
-  acc_t ws = 0;
-  for (int k = lane; k < C_in; k += 32) ws += load_param(weight + (int64_t)co * C_in + k) * load_param(shift + k);
-  for (int o = 16; o > 0; o /= 2) ws += __shfl_xor_sync(0xffffffff, ws, o);
-  if (lane != 0) return;
-  const acc_t keep = acc_t(1) - momentum;
-  store_param(running_mean + co, load_param(running_mean + co) * keep + (load_param(mean + co) + ws) * momentum);
-  store_param(running_var + co, load_param(running_var + co) * keep + load_param(var + co) * unbias * momentum);
-}
-
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
     const acc_t* part_g, const acc_t* part_gy, int64_t tiles, int C_out, acc_t* dbeta, acc_t* dgamma) {
@@ -676,12 +657,11 @@ __global__ void shift_kernel(Act<const scalar_t> x, int C, int H, int W, int s, 
 }
 
 // ---------------------------------------------------------------------------------
-// Every projection of one source (hires::projections, csrc/projections.h): x pooled once
-// for every target's stride, and one grad_x written from every target's gradient of its
-// pooled input. The single-projection kernels above then run at stride 1 on each pooled
-// input.
+// hires::pool_source (csrc/pool_source.h): x pooled once for every target's stride, and in
+// backward one grad_x written from every target's gradient of its pooled input. The
+// single-projection kernels above then run at stride 1 on each pooled input.
 //
-// The distinct strides > 1 are the levels s_0 < ... < s_{L-1} = S; each divides the next,
+// The strides (> 1, distinct) are the levels s_0 < ... < s_{L-1} = S; each divides the next,
 // so x cut into blocks of S x S pixels puts every window of every level inside one block.
 // A tile (one thread block) is cc channels of one image by a band of S rows and bw blocks
 // of columns; its per-window values of every level stay in shared memory, each level's
@@ -694,13 +674,13 @@ __global__ void shift_kernel(Act<const scalar_t> x, int C, int H, int W, int s, 
 // past the coarser ones, and trailing pixels no window covers get a zero gradient.
 // PM pool_many_kernel   x read once (the pixels the finest windows cover), every level's
 //    average written once.
-// PU unpool_sum_kernel  every level's gradient read once (and a stride-1 gradient, x-sized),
-//    grad_x written once: grad_x(h, w) = g_1(h, w) + sum_l g_l(window of (h, w)) / covered.
+// PU unpool_sum_kernel  every level's gradient read once, grad_x written once:
+//    grad_x(h, w) = sum_l g_l(window of (h, w)) / covered.
 
 constexpr int kMaxLevels = 8;  // a ninth level would need a stride of at least 512
 
 struct PoolGeometry {
-  int L, S;                                              // levels; S = s_{L-1} (1 without levels)
+  int L, S;                                              // levels; S = s_{L-1}
   int s[kMaxLevels], ho[kMaxLevels], wo[kMaxLevels];     // each level's stride and pooled size
   int C, H, W;
   int cc, bw, c_tiles, w_tiles, h_tiles;                 // tiles: cc channels x bw blocks of S x S
@@ -718,7 +698,7 @@ struct PoolSmem {
       at += (int64_t)g.cc * (g.S / g.s[l]) * (g.bw * g.S / g.s[l]);
     }
     columns = at;
-    if (with_columns && g.L > 0) at += (int64_t)g.cc * (g.S / g.s[0]) * g.bw * g.S;
+    if (with_columns) at += (int64_t)g.cc * (g.S / g.s[0]) * g.bw * g.S;
     total = at;
   }
 };
@@ -806,7 +786,7 @@ __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelActs<const scalar_t> grad,
-                                                         Act<const scalar_t> full, Act<scalar_t> grad_x) {
+                                                         Act<scalar_t> grad_x) {
   HIRES_DYNAMIC_SHARED(smem);
   const PoolSmem L(g, false);
   acc_t* vals = reinterpret_cast<acc_t*>(smem);
@@ -833,14 +813,12 @@ __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelAct
     }
     __syncthreads();
   }
-  const int s0 = g.L > 0 ? g.s[0] : 1;
+  const int s0 = g.s[0];
   for (int e = threadIdx.x; e < g.cc * g.S * X; e += NT) {
     const TileIndex i = tile_index(e, g.cc, g.S, X, g.cfast);
     const int c = t.c0 + i.c, h = t.h0 + i.r, w = t.w0 + i.col;
     if (c >= g.C || h >= g.H || w >= g.W) continue;
-    acc_t v = g.L > 0 ? vals[L.level[0] + tile_offset(i.c, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]
-                      : acc_t(0);
-    if (full.ptr != nullptr) v += static_cast<acc_t>(load_act(full.ptr + full.offset(t.n, c, h, w)));
+    const acc_t v = vals[L.level[0] + tile_offset(i.c, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)];
     store_act(grad_x.ptr + grad_x.offset(t.n, c, h, w), static_cast<scalar_t>(v));
   }
 }
@@ -1094,8 +1072,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
 }
 
 // ---------------------------------------------------------------------------------
-// Every projection of one source: the pooling launches, and the op (csrc/projections.h
-// composes them with the single-projection launches above).
+// hires::pool_source and its backward: the pooling launches.
 
 // Elements of x per pooling tile: 16 per thread, fewer while the grid has under 2 waves
 // of 8 blocks per SM; NT at the least.
@@ -1103,16 +1080,12 @@ constexpr int64_t kPoolTile = 16 * NT;
 
 PoolGeometry pool_geometry(at::IntArrayRef strides, bool ceil_mode, int64_t N, int64_t C, int64_t H, int64_t W,
                            bool cfast, int device) {
-  std::vector<int64_t> s;
-  for (int64_t v : strides)
-    if (v > 1) s.push_back(v);
+  std::vector<int64_t> s(strides.begin(), strides.end());
   std::sort(s.begin(), s.end());
-  s.erase(std::unique(s.begin(), s.end()), s.end());
-  TORCH_CHECK_VALUE(s.size() <= kMaxLevels, "projections (cuda): at most ", kMaxLevels, " distinct strides, got ",
-                    strides);
+  TORCH_CHECK_VALUE(s.size() <= kMaxLevels, "pool_source (cuda): at most ", kMaxLevels, " strides, got ", strides);
   PoolGeometry g{};
   g.L = (int)s.size();
-  g.S = s.empty() ? 1 : (int)s.back();
+  g.S = (int)s.back();
   for (int l = 0; l < g.L; ++l) {
     g.s[l] = (int)s[l];
     g.ho[l] = (int)pooled_size(H, s[l], ceil_mode);
@@ -1137,7 +1110,7 @@ PoolGeometry pool_geometry(at::IntArrayRef strides, bool ceil_mode, int64_t N, i
     g.c_tiles = (int)cdiv(C, cc); g.w_tiles = (int)cdiv(blocks_w, bw); g.h_tiles = (int)cdiv(H, g.S);
     if (elems <= NT || N * g.h_tiles * g.w_tiles * g.c_tiles >= 16 * sms) break;
   }
-  TORCH_CHECK(N * g.h_tiles * g.w_tiles * g.c_tiles <= INT32_MAX, "projections (cuda): problem too large for the grid");
+  TORCH_CHECK(N * g.h_tiles * g.w_tiles * g.c_tiles <= INT32_MAX, "pool_source (cuda): problem too large for the grid");
   return g;
 }
 
@@ -1148,7 +1121,7 @@ template <typename F>
 int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size, int device) {
   const int64_t bytes = PoolSmem(g, with_columns).total * acc_size;
   const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  TORCH_CHECK(bytes <= smem_max, "projections (cuda): stride ", g.S, " needs ", bytes,
+  TORCH_CHECK(bytes <= smem_max, "pool_source (cuda): stride ", g.S, " needs ", bytes,
               " bytes of shared memory per block; the device has ", smem_max);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   return (int)bytes;
@@ -1156,106 +1129,59 @@ int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size,
 
 unsigned pool_tiles(const PoolGeometry& g, int64_t N) { return (unsigned)(N * g.h_tiles * g.w_tiles * g.c_tiles); }
 
-std::vector<at::Tensor> pool_many_cuda(const at::Tensor& x, at::IntArrayRef strides, bool ceil_mode) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
+std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef strides, bool ceil_mode) {
+  hires::check_pool_source(x_in, strides, ceil_mode);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const auto fmt = hires::memory_format_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto fmt = hires::memory_format_of(x);
   const int device = x.get_device();
   const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
   std::vector<at::Tensor> level_out;
   for (int l = 0; l < g.L; ++l)
     level_out.push_back(at::empty({N, C, g.ho[l], g.wo[l]}, x.options().memory_format(fmt)));
-  if (g.L > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_many_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      LevelActs<scalar_t> out{};
-      for (int l = 0; l < g.L; ++l) out.t[l] = act_view<scalar_t>(level_out[l]);
-      const int smem = pool_smem(pool_many_kernel<scalar_t, acc_t>, g, true, sizeof(acc_t), device);
-      pool_many_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
-          g, act_view<const scalar_t>(x), out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  // Outputs of the op: none may alias x or another (a second target of the same stride
-  // gets a copy).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_source_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    LevelActs<scalar_t> out{};
+    for (int l = 0; l < g.L; ++l) out.t[l] = act_view<scalar_t>(level_out[l]);
+    const int smem = pool_smem(pool_many_kernel<scalar_t, acc_t>, g, true, sizeof(acc_t), device);
+    pool_many_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
+        g, act_view<const scalar_t>(x), out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   std::vector<at::Tensor> pooled;
-  std::vector<bool> given(g.L, false);
-  for (int64_t s : strides) {
-    if (s == 1) {
-      pooled.push_back(x);
-      continue;
-    }
-    const int l = level_of(g, s);
-    pooled.push_back(given[l] ? level_out[l].clone() : level_out[l]);
-    given[l] = true;
-  }
+  for (int64_t s : strides) pooled.push_back(level_out[level_of(g, s)]);
   return pooled;
 }
 
-at::Tensor unpool_sum_cuda(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H, int64_t W,
-                           at::MemoryFormat fmt) {
+at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strides, bool ceil_mode, int64_t H,
+                                     int64_t W, bool channels_last) {
+  hires::check_pool_source_backward(grads, strides, ceil_mode, H, W);
   const c10::cuda::CUDAGuard device_guard(grads[0].device());
+  const auto fmt = hires::format_of(channels_last);
   const int64_t N = grads[0].size(0), C = grads[0].size(1);
   const int device = grads[0].get_device();
-  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
-  // Targets of the same stride add up first (HiResNet's strides are distinct).
+  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, channels_last, device);
   std::vector<at::Tensor> level(g.L);
-  at::Tensor full;
-  for (size_t t = 0; t < grads.size(); ++t) {
-    const at::Tensor gt = grads[t].contiguous(fmt);
-    at::Tensor& into = strides[t] == 1 ? full : level[level_of(g, strides[t])];
-    into = into.defined() ? (into + gt).contiguous(fmt) : gt;
-  }
+  for (size_t t = 0; t < grads.size(); ++t) level[level_of(g, strides[t])] = grads[t].contiguous(fmt);
   at::Tensor grad_x = at::empty({N, C, H, W}, grads[0].options().memory_format(fmt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "unpool_sum_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "pool_source_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LevelActs<const scalar_t> in{};
     for (int l = 0; l < g.L; ++l) in.t[l] = act_view<const scalar_t>(level[l]);
     const int smem = pool_smem(unpool_sum_kernel<scalar_t, acc_t>, g, false, sizeof(acc_t), device);
     unpool_sum_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
-        g, in, act_view<const scalar_t>(full), act_view<scalar_t>(grad_x));
+        g, in, act_view<scalar_t>(grad_x));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
 }
-
-// One launch per target where the running statistics are contiguous in the accumulation
-// dtype (as BatchNorm2d keeps them); others go through ATen.
-void projections_update_stats_cuda(at::TensorList running_mean, at::TensorList running_var, at::TensorList weight,
-                                   at::TensorList shift, at::TensorList mean, at::TensorList var,
-                                   at::IntArrayRef count, at::ArrayRef<double> momentum) {
-  for (size_t t = 0; t < weight.size(); ++t) {
-    const at::Tensor &rm = running_mean[t], &rv = running_var[t];
-    const auto acc = mean[t].scalar_type();
-    if (!(rm.is_contiguous() && rv.is_contiguous() && rm.scalar_type() == acc && rv.scalar_type() == acc)) {
-      hires::projections_update_stats_aten(running_mean.slice(t, 1), running_var.slice(t, 1), weight.slice(t, 1),
-                                           shift.slice(t, 1), mean.slice(t, 1), var.slice(t, 1), count.slice(t, 1),
-                                           momentum.slice(t, 1));
-      continue;
-    }
-    const c10::cuda::CUDAGuard device_guard(rm.device());
-    const int64_t C_out = weight[t].size(0), C_in = weight[t].size(1);
-    const at::Tensor w = weight[t].detach().reshape({C_out, C_in}).to(acc).contiguous();
-    const at::Tensor sh = shift[t].contiguous(), m = mean[t].contiguous(), v = var[t].contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "projections_update_stats_cuda", [&] {
-      update_stats_kernel<scalar_t><<<(unsigned)cdiv(C_out, FIN_CHANNELS), FIN_THREADS, 0,
-                                      c10::cuda::getCurrentCUDAStream().stream()>>>(
-          m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), (int)C_in,
-          (int)C_out, static_cast<scalar_t>(static_cast<double>(count[t]) / static_cast<double>(count[t] - 1)),
-          static_cast<scalar_t>(momentum[t]), rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-}
-
-const hires::DeviceKernels kCudaKernels{pool_many_cuda, unpool_sum_cuda, projection_cuda, projection_backward_cuda};
 
 }  // namespace hires_cuda
 
 TORCH_LIBRARY_IMPL(hires, CUDA, m) {
   m.impl("projection", &hires_cuda::projection_cuda);
   m.impl("projection_backward", &hires_cuda::projection_backward_cuda);
-  m.impl("projections_forward", &hires::projections_forward_op<hires_cuda::kCudaKernels>);
-  m.impl("projections_update_stats", &hires_cuda::projections_update_stats_cuda);
-  m.impl("projections_backward", &hires::projections_backward_op<hires_cuda::kCudaKernels>);
+  m.impl("pool_source", &hires_cuda::pool_source_cuda);
+  m.impl("pool_source_backward", &hires_cuda::pool_source_backward_cuda);
 }

@@ -26,13 +26,12 @@ Where a projection is added (``side``)
 - ``"input"``: onto the entry block's input: ``x' = x + sum_k P_k(x_k)``, then
   ``relu(F(x') + shortcut(x'))``; ``P_k`` matches the input's resolution and width.
 
-In training, the projections of a source that feeds several stages are computed
-together, right after it (``HiResNet.forward_features``,
-:func:`hires_kernels.project_source`): the fused op then reads the source once for all
-its targets and writes one gradient for it in backward, and each target block adds its
-``P_k`` to its sum. Otherwise (evaluation, no grad, a single target, a block called on
-its own) a block chains its projections through the op's ``residual`` argument,
-``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``.
+A block chains its projections through the fused op's ``residual`` argument,
+``P_2(x_2, residual=P_1(x_1, residual=F + shortcut))``. A fused source that feeds several
+stages is pooled once for all of them, right after it is computed
+(``HiResNet.forward_features``, :func:`hires_kernels.pool_source`): the source is read once
+and its gradient written once, and each target block runs its ``P_k`` at stride 1 on its
+pooled input, with the residual still fused.
 
 A projection's pooling stride is the ratio of the
 source's and the target's resolution (a power of two); pooling runs in ceil mode,
@@ -125,11 +124,11 @@ class HierarchicalBlock(nn.Module):
         """The residual function ``F``."""
         raise NotImplementedError
 
-    def _add_projections(self, base: torch.Tensor, levels, captured: dict | None, projected: dict | None
+    def _add_projections(self, base: torch.Tensor, levels, captured: dict | None, pooled: dict | None
                          ) -> torch.Tensor:
-        """``base + sum_k P_k(levels[k])`` over the projections not ablated: added from
-        ``projected`` (computed with the other projections of their source), chained
-        through the fused op's ``residual``, or summed eagerly into ``captured``."""
+        """``base + sum_k P_k(levels[k])`` over the projections not ablated, chained through
+        the fused op's ``residual`` (from ``pooled[k]``, level k already pooled with the
+        other targets of its source, where given), or summed eagerly into ``captured``."""
         for k, proj in zip(self.projection_sources, self.projections):
             key = f"P{k}"
             if key in self.ablate:
@@ -138,25 +137,25 @@ class HierarchicalBlock(nn.Module):
                 p = _eager_projection(proj, levels[k])
                 captured[key] = p.detach()
                 base = base + p
-            elif projected is not None and k in projected:
-                base = base + projected[k]
+            elif pooled is not None and k in pooled:
+                base = proj(pooled[k], residual=base, pooled=True)
             else:
                 base = proj(levels[k], residual=base)
         return base
 
-    def forward(self, x: torch.Tensor, levels=(), projected: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, levels=(), pooled: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """``levels``: the outputs of the levels below (index = level); only blocks
-        with projections read it. ``projected``: ``{k: P_k(levels[k])}`` already computed
-        (by :meth:`HiResNet.forward_features`, one call per source level)."""
+        with projections read it. ``pooled``: ``{k: levels[k] pooled by P_k's stride}``
+        (by :meth:`HiResNet.forward_features`, one pooling call per source level)."""
         captured = {} if self.capture_addends else None
         if self.side == "input":
-            x = self._add_projections(x, levels, captured, projected)
+            x = self._add_projections(x, levels, captured, pooled)
         out = f = self.branch(x)
         s = None if self.shortcut is None else self.shortcut(x)
         if s is not None:
             out = out + s
         if self.side == "output":
-            out = self._add_projections(out, levels, captured, projected)
+            out = self._add_projections(out, levels, captured, pooled)
         if captured is not None:
             shortcut = {} if s is None else {"shortcut": s.detach()}
             self.addends = {"F": f.detach(), **shortcut, **captured}

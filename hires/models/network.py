@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hires_kernels import HierarchicalProjection, project_source
+from hires_kernels import HierarchicalProjection, pool_source
 
 from .blocks import BasicBlock, Bottleneck
 from .hierarchy import SIDES, HierarchicalBlock, check_choice, projection_sources, projection_stride
@@ -95,35 +95,34 @@ class HiResNet(nn.Module):
     def num_projections(self) -> int:
         return sum(len(b.projections) for _, b in self.hierarchical_blocks())
 
-    def _project(self, k: int, x: torch.Tensor, entries: list[HierarchicalBlock],
-                 projected: list[dict[int, torch.Tensor]]) -> None:
-        """The projections of level ``k`` (``x``) into ``projected[stage][k]``, in one call,
-        when a backward will follow: the call's gain is the backward's one grad_x; without
-        one, each block's own call, with its residual add fused, moves fewer bytes. Ablated
-        projections are skipped; blocks capturing their addends compute theirs themselves,
-        and so does the block of a source's only projection."""
-        if not (self.training and torch.is_grad_enabled()):
-            return
+    def _pool(self, k: int, x: torch.Tensor, entries: list[HierarchicalBlock],
+              pooled: list[dict[int, torch.Tensor]]) -> None:
+        """Level ``k`` (``x``) pooled once for every fused projection it feeds, into
+        ``pooled[stage][k]``: x is read once for all of them, and in backward its gradient
+        written once; each target block then runs its projection at stride 1 with its
+        residual fused. Ablated projections are skipped; blocks capturing their addends
+        compute theirs themselves, and so does the block of a source's only projection
+        (its op pools x itself)."""
         stages = [i for i in self._targets.get(k, ())
                   if not entries[i].capture_addends and f"P{k}" not in entries[i].ablate]
-        if len(stages) > 1:
-            outs = project_source(x, [entries[i].projections[entries[i].projection_sources.index(k)] for i in stages])
-            for i, out in zip(stages, outs):
-                projected[i][k] = out
+        projections = [entries[i].projections[entries[i].projection_sources.index(k)] for i in stages]
+        if len(stages) > 1 and all(p.fused for p in projections):
+            for i, p in zip(stages, pool_source(x, [p.stride for p in projections], ceil_mode=True)):
+                pooled[i][k] = p
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last level's feature map."""
         x = self.stem(x)
         entries = [stage[0] for stage in self.stages]
-        projected: list[dict[int, torch.Tensor]] = [{} for _ in entries]
+        pooled: list[dict[int, torch.Tensor]] = [{} for _ in entries]
         levels = [x]
-        self._project(0, x, entries, projected)
+        self._pool(0, x, entries, pooled)
         for i, stage in enumerate(self.stages):
-            x = entries[i](x, levels, projected[i])
+            x = entries[i](x, levels, pooled[i])
             for block in stage[1:]:
                 x = block(x)
             levels.append(x)
-            self._project(i + 1, x, entries, projected)
+            self._pool(i + 1, x, entries, pooled)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,18 +46,17 @@ _MODULES = {name: _import(name) for name in BACKENDS}
 # torch.ops.hires.projection: the cpu and cuda backends' one call (csrc/ops.cpp); None
 # when the extension is not built (then neither backend resolves).
 compiled_projection = getattr(_MODULES["cpu"], "projection", None)
-# torch.ops.hires.projections: every projection of one source in one call.
-compiled_projections = getattr(_MODULES["cpu"], "projections", None)
-
+# torch.ops.hires.pool_source: one source pooled once for every stride (hires_kernels.pooling).
+compiled_pool_source = getattr(_MODULES["cpu"], "pool_source", None)
 
 # Devices with a kernel of it, read once: the kernels register when _C is imported.
-_PROJECTIONS_DEVICES = frozenset(
-    d for d in ("cpu", "cuda") if not isinstance(_MODULES["cpu"], Exception) and _MODULES["cpu"].has_projections(d))
+_POOL_SOURCE_DEVICES = frozenset(
+    d for d in ("cpu", "cuda") if not isinstance(_MODULES["cpu"], Exception) and _MODULES["cpu"].has_pool_source(d))
 
 
-def serves_projections(name: str, device_type: str) -> bool:
-    """Whether backend ``name`` runs the per-source op on ``device_type`` in one call."""
-    return name in COMPILED and device_type in _PROJECTIONS_DEVICES
+def pools_source(device_type: str) -> bool:
+    """Whether ``torch.ops.hires.pool_source`` has a kernel for ``device_type``."""
+    return device_type in _POOL_SOURCE_DEVICES
 
 
 def _module(name: str) -> ModuleType:

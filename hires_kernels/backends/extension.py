@@ -3,8 +3,9 @@
 ``torch.ops.hires.projection`` and ``projection_backward`` are defined once in C++
 (csrc/ops.cpp) with a CPU kernel (csrc/cpu), a CUDA kernel when built with CUDA
 (csrc/cuda) and an Autograd kernel (csrc/autograd.cpp); the dispatcher picks by the
-tensors' device. This module imports them and gives them the fake kernels that
-torch.compile and fake tensors trace with.
+tensors' device. So are ``pool_source`` and ``pool_source_backward`` (hires_kernels.pooling).
+This module imports them and gives them the fake kernels that torch.compile and fake
+tensors trace with.
 """
 
 from __future__ import annotations
@@ -42,15 +43,15 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
-def has_projections(device_type: str) -> bool:
-    """Whether the per-source op (hires::projections) has kernels for ``device_type``."""
+def has_pool_source(device_type: str) -> bool:
+    """Whether hires::pool_source has a kernel for ``device_type``."""
     return _IMPORT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "hires::projections_forward", device_type.upper())
+        "hires::pool_source", device_type.upper())
 
 
 if _IMPORT_ERROR is None:
     projection = torch.ops.hires.projection.default
-    projections = torch.ops.hires.projections.default
+    pool_source = torch.ops.hires.pool_source.default
 
     @torch.library.register_fake("hires::projection")
     def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, ceil_mode, training,
@@ -74,38 +75,15 @@ if _IMPORT_ERROR is None:
         return (grad_x.contiguous(memory_format=saved_memory_format(saved)), mean.new_empty(weight.shape),
                 torch.empty_like(mean), torch.empty_like(mean))
 
-    def _fake_stride1_projection(p, c_out, training):
-        """(out, y, shift, mean, var) of the stride-1 projection of ``p`` that
-        hires::projections runs per target."""
-        n, c_in, h, w = p.shape
-        fmt = memory_format_of(p)
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        out = p.new_empty((n, c_out, h, w)).contiguous(memory_format=fmt)
-        y = (p.new_empty((n, c_out, h, w), dtype=acc).contiguous(memory_format=fmt)
-             if training and p.device.type in _KEEPS_CONV_OUTPUT else p.new_empty(0, dtype=acc))
-        stats = p.new_empty(c_out, dtype=acc)
-        return out, y, p.new_empty(c_in, dtype=acc), stats, torch.empty_like(stats)
+    @torch.library.register_fake("hires::pool_source")
+    def _(x, stride, ceil_mode):
+        n, c, h, w = x.shape
+        fmt = memory_format_of(x)
+        return [x.new_empty((n, c, pooled_size(h, s, ceil_mode), pooled_size(w, s, ceil_mode)))
+                .contiguous(memory_format=fmt) for s in stride]
 
-    @torch.library.register_fake("hires::projections_forward")
-    def _(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, ceil_mode, training, eps):
-        n, c_in, h, w = x.shape
-        dense = x.contiguous(memory_format=memory_format_of(x))
-        results = {name: [] for name in ("out", "saved", "y", "shift", "mean", "var")}
-        for wt, s in zip(weight, stride):
-            size = (pooled_size(h, s, ceil_mode), pooled_size(w, s, ceil_mode))
-            pooled = dense.new_empty((n, c_in, *size)).contiguous(memory_format=memory_format_of(x)) if s > 1 else dense
-            out, y, shift, mean, var = _fake_stride1_projection(pooled, wt.shape[0], training)
-            for name, t in zip(results, (out, pooled if s > 1 else x.new_empty(0), y, shift, mean, var)):
-                results[name].append(t)
-        return tuple(results.values())
-
-    @torch.library.register_fake("hires::projections_update_stats")
-    def _(running_mean, running_var, weight, shift, mean, var, count, momentum):
-        return None
-
-    @torch.library.register_fake("hires::projections_backward")
-    def _(grad_out, saved, y, shift, weight, bn_weight, mean, var, stride, ceil_mode, in_h, in_w, training, eps):
-        n, c_in = saved[0].shape[:2]
-        grad_x = grad_out[0].new_empty((n, c_in, in_h, in_w)).contiguous(memory_format=saved_memory_format(saved[0]))
-        return (grad_x, [m.new_empty(wt.shape) for m, wt in zip(mean, weight)],
-                [torch.empty_like(m) for m in mean], [torch.empty_like(m) for m in mean])
+    @torch.library.register_fake("hires::pool_source_backward")
+    def _(grad, stride, ceil_mode, in_h, in_w, channels_last):
+        n, c = grad[0].shape[:2]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return grad[0].new_empty((n, c, in_h, in_w)).contiguous(memory_format=fmt)
