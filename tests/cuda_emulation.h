@@ -71,18 +71,20 @@ inline unsigned char* emu_dynamic_smem = nullptr;
 // Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
 // store_act, load_param and store_param), summed per launch into emu_launches. Those that
 // fall inside the storage of the tensor given to watch() are also counted apart (reads,
-// writes), so a test can tell which launches touch that one tensor.
-inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2];
+// writes), so a test can tell which launches touch that one tensor, and so are the
+// activation bytes moved by 16-byte accesses (reads, writes: vector loads and stores).
+inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2], emu_thread_wide[2];
 inline uintptr_t emu_watch_begin = 0, emu_watch_end = 0;
 inline void emu_count(int kind, const void* address, int64_t bytes) {
   emu_thread_bytes[kind] += bytes;
   const auto a = reinterpret_cast<uintptr_t>(address);
   if (a >= emu_watch_begin && a < emu_watch_end) emu_thread_watched[kind % 2] += bytes;  // kinds: read, write, ...
+  if (kind < 2 && bytes >= 16) emu_thread_wide[kind] += bytes;  // ACT_READ, ACT_WRITE
 }
 #define HIRES_TRAFFIC(kind, address, bytes) emu_count(kind, address, static_cast<int64_t>(bytes))
 struct EmuLaunchRecord {
   std::string name;
-  int64_t bytes[4], watched[2];
+  int64_t bytes[4], watched[2], wide[2];
   unsigned blocks, threads;
   size_t smem;
 };
@@ -172,7 +174,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
   // that nothing wrote shows up in the results.
   std::vector<unsigned char> smem(dynamic_smem + 16);
   emu_dynamic_smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
   if (emu_dry_run) {
     const std::lock_guard<std::mutex> lock(emu_launches_mutex);
     emu_launches.push_back(record);
@@ -187,6 +189,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
       threadIdx = {t, 0, 0};
       for (auto& b : emu_thread_bytes) b = 0;
       for (auto& b : emu_thread_watched) b = 0;
+      for (auto& b : emu_thread_wide) b = 0;
       for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
           for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -199,6 +202,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
       const std::lock_guard<std::mutex> lock(emu_launches_mutex);
       for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
       for (int i = 0; i < 2; ++i) record.watched[i] += emu_thread_watched[i];
+      for (int i = 0; i < 2; ++i) record.wide[i] += emu_thread_wide[i];
     });
   for (auto& th : threads) th.join();
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
@@ -206,7 +210,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
 }
 
 // "name blocks threads dynamic_smem act_read act_write param_read param_write
-// watched_read watched_write" per launch since the last call.
+// watched_read watched_write wide_read wide_write" per launch since the last call.
 inline std::string emu_traffic() {
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   std::string log;
@@ -214,6 +218,7 @@ inline std::string emu_traffic() {
     log += r.name + " " + std::to_string(r.blocks) + " " + std::to_string(r.threads) + " " + std::to_string(r.smem);
     for (int64_t b : r.bytes) log += " " + std::to_string(b);
     for (int64_t b : r.watched) log += " " + std::to_string(b);
+    for (int64_t b : r.wide) log += " " + std::to_string(b);
     log += "\n";
   }
   emu_launches.clear();

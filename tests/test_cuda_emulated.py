@@ -305,6 +305,32 @@ def test_emulated_cuda_running_stats_strided_view(emulated_ops):
         assert rel(view, ref) <= 1e-5
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values and strides in storage one element off 16-byte alignment."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = storage[1:].as_strided(t.shape, t.stride())
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, training):
+    """channels_last inputs whose channels come in 16-byte runs (C_in = 16) are loaded in
+    16-byte vectors; the same values one element off alignment, element by element. Both
+    match the oracle, and bitwise each other: the vectors sum the same terms in the same
+    order."""
+    problem = Problem(2, 16, 7, 7, 9, stride, ceil=True, training=training, how="channels_last", dtype=dtype,
+                      seed=6)
+    check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    vectors = problem.run_kernels(emulated_ops)
+    problem.x = misaligned(problem.x)
+    assert problem.x.data_ptr() % 16 != 0 and problem.x.is_contiguous(memory_format=torch.channels_last)
+    elements = problem.run_kernels(emulated_ops)
+    for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):
+        assert torch.equal(a, b)
+
+
 # --- every projection of one source (hires::pool_source) ------------------------------
 
 

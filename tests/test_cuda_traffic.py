@@ -51,13 +51,14 @@ TARGET = {True: 1.5, False: 1.2}
 
 def launches(ops) -> list[dict]:
     """The launches since the last call: kernel, blocks, threads, smem and bytes (those of
-    the watched tensor apart)."""
+    the watched tensor apart, and the activation bytes of 16-byte accesses apart)."""
     rows = []
     for line in ops.traffic().splitlines():
         name, blocks, threads, smem, *b = line.split()
         rows.append(dict(name=name, blocks=int(blocks), threads=int(threads), smem=int(smem),
                          act_read=int(b[0]), act_write=int(b[1]), act=int(b[0]) + int(b[1]),
-                         param=int(b[2]) + int(b[3]), watched_read=int(b[4]), watched_write=int(b[5])))
+                         param=int(b[2]) + int(b[3]), watched_read=int(b[4]), watched_write=int(b[5]),
+                         wide_read=int(b[6]), wide_write=int(b[7])))
     return rows
 
 
@@ -110,6 +111,21 @@ def test_traffic_per_sample_within_target_of_floor(emulated_ops, shape, training
     assert slope >= x + 2 * out + (out + x if training else 0), "a tensor is not counted"
     if ratio > TARGET[training]:
         pytest.xfail(f"{ratio:.2f}x the floor per sample (target {TARGET[training]}x)")
+
+
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+def test_row_kernels_read_their_input_in_16_byte_vectors(emulated_ops, shape):
+    """bf16 channels_last, C_in a multiple of 8: the pass that pools x (F1) reads x only in
+    16-byte vectors and writes `pooled` in them; the passes over `pooled` (F3, B1, B3) read
+    it in them too (their residual and grad_out reads are element-wise)."""
+    c_in, h, c_out, ho, _ = shape
+    s = h // ho
+    fwd, bwd = run(emulated_ops, c_in, 4 * s, c_out, 4, 1, True)
+    x, p = c_in * (4 * s) ** 2 * ELT, c_in * 16 * ELT
+    f1, f3 = [r for r in fwd if r["name"] == "rows_kernel"]
+    assert f1["act_read"] == f1["wide_read"] == x and f1["wide_write"] == p
+    assert f3["wide_read"] == p
+    assert [r["wide_read"] for r in bwd if r["name"] == "rows_kernel"] == [p, p]
 
 
 def full_size_launches(ops, shape):

@@ -56,8 +56,11 @@
 // to about 6500 channels (C_in + C_out) in bf16, 3300 in fp32, 1400 in fp64; beyond that
 // row_launch refuses the call.
 //
-// Not done yet: 16-byte vector / cp.async loads (the loads are element-wise, coalesced);
-// wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
+// Loads: the row kernels read their input tile (x, pooled or saved) in 16-byte vectors of
+// channels where they come in aligned runs (channels_last, C_in a multiple of 16 / e: the
+// SPEC shapes), and write `pooled` likewise; elsewhere, and for the epilogues' residual and
+// grad_out, element-wise along the contiguous dimension (coalesced).
+// Not done yet: vector loads of NCHW inputs and of the epilogues' operands, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
@@ -271,6 +274,7 @@ struct RowArgs {
   Act<const scalar_t> src;        // x (pooled on load when s > 1) or saved
   int s, H, W;                    // window and src's spatial size
   bool src_cfast;                 // src's channel stride is 1
+  bool src_vec;                   // src's (and pooled's) channel runs load as 16-byte vectors (src_vectors)
   const acc_t* shift;             // nullable: subtracted from src on load
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
@@ -317,12 +321,54 @@ struct RowSmem {
   }
 };
 
+// 16 bytes of consecutive channels: one vector load or store (LDG.128 / STG.128).
+template <typename scalar_t>
+struct alignas(16) ChannelVec {
+  static constexpr int n = 16 / sizeof(scalar_t);
+  scalar_t v[n];
+};
+
 // Ps[r][k] = p(m0 + r, k) for r < rows, k < C (0 elsewhere up to kin): the window mean of
-// (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it.
+// (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Where the
+// channels are contiguous in 16-byte aligned runs (src_vec), each thread loads whole
+// vectors of channels (consecutive threads, consecutive vectors) and stores them to Ps and
+// `pooled` as vectors; otherwise element by element along the contiguous dimension.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, scalar_t* Ps, const int* rn,
                           const int* rh, const int* rw, int rows) {
   const int kin = L.kin;
+  if (a.src_vec) {
+    using Vec = ChannelVec<scalar_t>;
+    constexpr int VW = Vec::n;
+    const int groups = kin / VW;  // kin is a multiple of 16, so of VW
+    for (int e = threadIdx.x; e < a.tm * groups; e += NT) {
+      const int r = e / groups, k0 = e % groups * VW;
+      Vec v;
+      if (r < rows && k0 < a.C_in) {  // C_in is a multiple of VW: the whole vector is in range
+        const int h0 = rh[r] * a.s, w0 = rw[r] * a.s;
+        const int h1 = min(h0 + a.s, a.H), w1 = min(w0 + a.s, a.W);
+        // The same sums of (src - shift), in the same order, as the element-wise path.
+        acc_t sum[VW], sub[VW];
+        for (int j = 0; j < VW; ++j) {
+          sum[j] = acc_t(0);
+          sub[j] = a.shift != nullptr ? load_param(a.shift + k0 + j) : acc_t(0);
+        }
+        for (int h = h0; h < h1; ++h)
+          for (int w = w0; w < w1; ++w) {
+            const Vec in = load_act(reinterpret_cast<const Vec*>(a.src.ptr + a.src.offset(rn[r], k0, h, w)));
+            for (int j = 0; j < VW; ++j) sum[j] += static_cast<acc_t>(in.v[j]) - sub[j];
+          }
+        const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
+        for (int j = 0; j < VW; ++j) v.v[j] = static_cast<scalar_t>(a.s == 1 ? sum[j] : sum[j] / count);
+        if (a.pooled.ptr != nullptr)
+          store_act(reinterpret_cast<Vec*>(a.pooled.ptr + a.pooled.offset(rn[r], k0, rh[r], rw[r])), v);
+      } else {
+        for (int j = 0; j < VW; ++j) v.v[j] = static_cast<scalar_t>(acc_t(0));
+      }
+      *reinterpret_cast<Vec*>(Ps + r * L.ldp + k0) = v;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < a.tm * kin; e += NT) {
     const int k = a.src_cfast ? e % kin : e / a.tm;
     const int r = a.src_cfast ? e / kin : e % a.tm;
@@ -874,6 +920,16 @@ void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the row kernels load `src` in 16-byte vectors of channels: its channel stride is
+// 1 and every other stride, C and the address are multiples of 16 bytes (a dense
+// channels_last tensor of C % (16 / e) == 0 from the allocator; `pooled`, allocated like
+// it, then stores in vectors too).
+bool src_vectors(const at::Tensor& src, size_t elt) {
+  const int64_t vw = 16 / (int64_t)elt;
+  return src.stride(1) == 1 && src.size(1) % vw == 0 && src.stride(0) % vw == 0 && src.stride(2) % vw == 0 &&
+         src.stride(3) % vw == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0;
+}
+
 // The fields of the row kernels' arguments that forward and backward set alike.
 template <typename scalar_t, typename acc_t>
 RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t* shift, const at::Tensor& weight,
@@ -883,6 +939,7 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   k.src = act_view<const scalar_t>(src);
   k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
   k.src_cfast = src.stride(1) == 1 && src.size(1) > 1;
+  k.src_vec = src_vectors(src, sizeof(scalar_t));
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
@@ -949,6 +1006,7 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
     RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
                                                            training);
     k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
+    k.src_vec = k.src_vec && (stride == 1 || src_vectors(pooled, sizeof(scalar_t)));
     k.gamma = ptr_or_null<acc_t>(a.bn_weight);
     k.beta = ptr_or_null<acc_t>(a.bn_bias);
     k.out = act_view<scalar_t>(out);
@@ -966,6 +1024,7 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (stride > 1) {
         k.src = act_view<const scalar_t>(pooled);
+        k.src_vec = src_vectors(pooled, sizeof(scalar_t));
         k.s = 1; k.H = (int)Ho; k.W = (int)Wo;
         k.shift = nullptr;
         k.pooled = act_view<scalar_t>(at::Tensor());
