@@ -316,15 +316,16 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, training):
-    """channels_last inputs whose channels come in 16-byte runs (C_in = 16) are loaded in
-    16-byte vectors; the same values one element off alignment, element by element. Both
-    match the oracle, and bitwise each other: the vectors sum the same terms in the same
-    order."""
-    problem = Problem(2, 16, 7, 7, 9, stride, ceil=True, training=training, how="channels_last", dtype=dtype,
+    """channels_last activations whose channels come in 16-byte runs (C_in = 16, C_out = 24)
+    are moved in 16-byte vectors; the same values one element off alignment (x, residual,
+    grad_out), element by element. Both match the oracle, and bitwise each other: per
+    element the vectors compute the same terms in the same order."""
+    problem = Problem(2, 16, 24, 7, 9, stride, ceil=True, training=training, how="channels_last", dtype=dtype,
                       seed=6)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
     vectors = problem.run_kernels(emulated_ops)
-    problem.x = misaligned(problem.x)
+    problem.x, problem.residual, problem.grad_out = (misaligned(t) for t in (problem.x, problem.residual,
+                                                                               problem.grad_out))
     assert problem.x.data_ptr() % 16 != 0 and problem.x.is_contiguous(memory_format=torch.channels_last)
     elements = problem.run_kernels(emulated_ops)
     for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):

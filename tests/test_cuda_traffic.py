@@ -114,18 +114,22 @@ def test_traffic_per_sample_within_target_of_floor(emulated_ops, shape, training
 
 
 @pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
-def test_row_kernels_read_their_input_in_16_byte_vectors(emulated_ops, shape):
-    """bf16 channels_last, C_in a multiple of 8: the pass that pools x (F1) reads x only in
-    16-byte vectors and writes `pooled` in them; the passes over `pooled` (F3, B1, B3) read
-    it in them too (their residual and grad_out reads are element-wise)."""
+def test_row_kernels_move_activations_in_16_byte_vectors(emulated_ops, shape):
+    """bf16 channels_last, channel counts multiples of 8: the row kernels move every
+    activation in 16-byte vectors of channels (the pass that pools x reads x and writes
+    `pooled`; the apply pass reads `pooled` and the residual and writes out; the backward's
+    dy pass reads `pooled` and grad_out and writes dy and grad_x), except grad_out in the
+    backward's statistics pass, read column by column."""
     c_in, h, c_out, ho, _ = shape
     s = h // ho
     fwd, bwd = run(emulated_ops, c_in, 4 * s, c_out, 4, 1, True)
-    x, p = c_in * (4 * s) ** 2 * ELT, c_in * 16 * ELT
+    x, p, out = c_in * (4 * s) ** 2 * ELT, c_in * 16 * ELT, c_out * 16 * ELT
     f1, f3 = [r for r in fwd if r["name"] == "rows_kernel"]
+    b1, b3 = [r for r in bwd if r["name"] == "rows_kernel"]
     assert f1["act_read"] == f1["wide_read"] == x and f1["wide_write"] == p
-    assert f3["wide_read"] == p
-    assert [r["wide_read"] for r in bwd if r["name"] == "rows_kernel"] == [p, p]
+    assert f3["act_read"] == f3["wide_read"] == p + out and f3["act_write"] == f3["wide_write"] == out
+    assert b1["wide_read"] == p and b1["act_read"] == p + out
+    assert b3["act_read"] == b3["wide_read"] == p + out and b3["act_write"] == b3["wide_write"] == out + x
 
 
 def full_size_launches(ops, shape):

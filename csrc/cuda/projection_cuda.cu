@@ -56,11 +56,12 @@
 // to about 6500 channels (C_in + C_out) in bf16, 3300 in fp32, 1400 in fp64; beyond that
 // row_launch refuses the call.
 //
-// Loads: the row kernels read their input tile (x, pooled or saved) in 16-byte vectors of
-// channels where they come in aligned runs (channels_last, C_in a multiple of 16 / e: the
-// SPEC shapes), and write `pooled` likewise; elsewhere, and for the epilogues' residual and
-// grad_out, element-wise along the contiguous dimension (coalesced).
-// Not done yet: vector loads of NCHW inputs and of the epilogues' operands, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
+// Loads and stores: the row kernels move an activation in 16-byte vectors of channels where
+// its channels come in aligned runs (channels_last, C a multiple of 16 / e: the SPEC shapes
+// in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out in
+// the dy pass, dy and grad_x; elsewhere element-wise along the contiguous dimension
+// (coalesced), as is grad_out in the statistics pass (one thread per column).
+// Not done yet: vectors in NCHW, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
@@ -274,7 +275,7 @@ struct RowArgs {
   Act<const scalar_t> src;        // x (pooled on load when s > 1) or saved
   int s, H, W;                    // window and src's spatial size
   bool src_cfast;                 // src's channel stride is 1
-  bool src_vec;                   // src's (and pooled's) channel runs load as 16-byte vectors (src_vectors)
+  bool src_vec;                   // src (and pooled) in 16-byte vectors of channels (channel_vectors)
   const acc_t* shift;             // nullable: subtracted from src on load
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
@@ -297,6 +298,9 @@ struct RowArgs {
   Act<const scalar_t> residual;   // FWD_APPLY, ptr nullable
   Act<const scalar_t> grad;       // BWD_*: grad_out
   bool act_cfast;                 // out / grad_out / grad_x channel stride is 1
+  bool out_vec;                   // FWD_APPLY: out and residual in 16-byte vectors of channels
+  bool grad_vec;                  // BWD_*: grad_out (and dy) in 16-byte vectors of channels
+  bool grad_x_vec;                // BWD_DX: grad_x in 16-byte vectors of channels
   scalar_t* dy;                   // BWD_DX: [M][C_out], the input of the dW kernel
   Act<scalar_t> grad_x;           // BWD_DX
   int stride, in_h, in_w;         // BWD_DX: the op's stride and grad_x's spatial size
@@ -470,6 +474,44 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
         store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
         store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
       }
+    } else if (EPI == FWD_APPLY ? a.out_vec : a.grad_vec) {
+      // 16-byte vectors of channels, consecutive threads along them; per element the same
+      // arithmetic as the element-wise loop below.
+      using Vec = ChannelVec<scalar_t>;
+      constexpr int VW = Vec::n;
+      for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
+        const int c0 = e % (TN / VW) * VW, r = e / (TN / VW);
+        const int64_t co = co0 + c0;  // C_out is a multiple of VW: a vector is wholly in or out
+        const acc_t* y = Ys + r * PITCH + c0;
+        if (EPI == FWD_APPLY) {
+          if (r >= rows || co >= a.C_out) continue;
+          Vec res, o;
+          if (a.residual.ptr != nullptr)
+            res = load_act(reinterpret_cast<const Vec*>(a.residual.ptr + a.residual.offset(rn[r], co, rh[r], rw[r])));
+          for (int j = 0; j < VW; ++j) {
+            acc_t v = (y[j] - c_mean[c0 + j]) * c_scale[c0 + j] + c_beta[c0 + j];
+            if (a.residual.ptr != nullptr) v += static_cast<acc_t>(res.v[j]);
+            o.v[j] = static_cast<scalar_t>(v);
+          }
+          store_act(reinterpret_cast<Vec*>(a.out.ptr + a.out.offset(rn[r], co, rh[r], rw[r])), o);
+        } else {  // BWD_DX
+          if (co >= L.kout) continue;
+          Vec d;
+          if (r < rows && co < a.C_out) {
+            const Vec g = load_act(reinterpret_cast<const Vec*>(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+            for (int j = 0; j < VW; ++j) {
+              const acc_t gj = static_cast<acc_t>(g.v[j]);
+              const acc_t yhat = (y[j] - c_mean[c0 + j]) * c_rstd[c0 + j];
+              d.v[j] = static_cast<scalar_t>(a.training ? c_scale[c0 + j] * (gj - c_db[c0 + j] - yhat * c_dg[c0 + j])
+                                                        : c_scale[c0 + j] * gj);
+            }
+            store_act(reinterpret_cast<Vec*>(a.dy + (m0 + r) * a.C_out + co), d);
+          } else {
+            for (int j = 0; j < VW; ++j) d.v[j] = static_cast<scalar_t>(acc_t(0));
+          }
+          *reinterpret_cast<Vec*>(Ds + r * L.ldd + co) = d;
+        }
+      }
     } else {
       // Elementwise: consecutive threads along the contiguous direction.
       for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
@@ -506,17 +548,33 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
   for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
     gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
-    for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
-      const int c = a.act_cfast ? e % TN : e / a.tm;
-      const int r = a.act_cfast ? e / TN : e % a.tm;
+    // Vectors of VW channels where grad_x takes them (VW = 1: element by element).
+    const int VW = a.grad_x_vec ? ChannelVec<scalar_t>::n : 1;
+    for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
+      const int c = VW > 1 || a.act_cfast ? e % (TN / VW) * VW : e / a.tm;
+      const int r = VW > 1 || a.act_cfast ? e / (TN / VW) : e % a.tm;
       const int64_t ci = ci0 + c;
-      if (r >= rows || ci >= a.C_in) continue;
+      if (r >= rows || ci >= a.C_in) continue;  // with vectors C_in is a multiple of VW
       const int ho = rh[r], wo = rw[r], s = a.stride;
       const int h0 = ho * s, w0 = wo * s;
       const int h1 = min(h0 + s, a.in_h), w1 = min(w0 + s, a.in_w);
       const int h_own = ho == a.Ho - 1 ? a.in_h : h1;
       const int w_own = wo == a.Wo - 1 ? a.in_w : w1;
-      const scalar_t v = static_cast<scalar_t>(Ys[r * PITCH + c] / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
+      const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
+      if (VW > 1) {
+        using Vec = ChannelVec<scalar_t>;
+        Vec v, zero_v;
+        for (int j = 0; j < Vec::n; ++j) {
+          v.v[j] = static_cast<scalar_t>(Ys[r * PITCH + c + j] / count);
+          zero_v.v[j] = static_cast<scalar_t>(acc_t(0));
+        }
+        for (int h = h0; h < h_own; ++h)
+          for (int w = w0; w < w_own; ++w)
+            store_act(reinterpret_cast<Vec*>(a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w)),
+                      (h < h1 && w < w1) ? v : zero_v);
+        continue;
+      }
+      const scalar_t v = static_cast<scalar_t>(Ys[r * PITCH + c] / count);
       const scalar_t zero_v = static_cast<scalar_t>(acc_t(0));
       for (int h = h0; h < h_own; ++h)
         for (int w = w0; w < w_own; ++w)
@@ -920,11 +978,10 @@ void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the row kernels load `src` in 16-byte vectors of channels: its channel stride is
-// 1 and every other stride, C and the address are multiples of 16 bytes (a dense
-// channels_last tensor of C % (16 / e) == 0 from the allocator; `pooled`, allocated like
-// it, then stores in vectors too).
-bool src_vectors(const at::Tensor& src, size_t elt) {
+// Whether the row kernels access an activation in 16-byte vectors of channels: its channel
+// stride is 1 and every other stride, C and the address are multiples of 16 bytes (a dense
+// channels_last tensor of C % (16 / e) == 0 from the allocator).
+bool channel_vectors(const at::Tensor& src, size_t elt) {
   const int64_t vw = 16 / (int64_t)elt;
   return src.stride(1) == 1 && src.size(1) % vw == 0 && src.stride(0) % vw == 0 && src.stride(2) % vw == 0 &&
          src.stride(3) % vw == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0;
@@ -939,7 +996,7 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   k.src = act_view<const scalar_t>(src);
   k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
   k.src_cfast = src.stride(1) == 1 && src.size(1) > 1;
-  k.src_vec = src_vectors(src, sizeof(scalar_t));
+  k.src_vec = channel_vectors(src, sizeof(scalar_t));
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
@@ -1006,11 +1063,13 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
     RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
                                                            training);
     k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
-    k.src_vec = k.src_vec && (stride == 1 || src_vectors(pooled, sizeof(scalar_t)));
+    k.src_vec = k.src_vec && (stride == 1 || channel_vectors(pooled, sizeof(scalar_t)));
     k.gamma = ptr_or_null<acc_t>(a.bn_weight);
     k.beta = ptr_or_null<acc_t>(a.bn_bias);
     k.out = act_view<scalar_t>(out);
     k.residual = act_view<const scalar_t>(a.residual);
+    k.out_vec = channel_vectors(out, sizeof(scalar_t)) &&
+                (!a.residual.defined() || channel_vectors(a.residual, sizeof(scalar_t)));
 
     if (training) {
       at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
@@ -1024,7 +1083,7 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (stride > 1) {
         k.src = act_view<const scalar_t>(pooled);
-        k.src_vec = src_vectors(pooled, sizeof(scalar_t));
+        k.src_vec = channel_vectors(pooled, sizeof(scalar_t));
         k.s = 1; k.H = (int)Ho; k.W = (int)Wo;
         k.shift = nullptr;
         k.pooled = act_view<scalar_t>(at::Tensor());
@@ -1090,6 +1149,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.var = var_c.data_ptr<acc_t>();
     k.gamma = ptr_or_null<acc_t>(gamma);
     k.grad = act_view<const scalar_t>(grad_out);
+    k.grad_vec = channel_vectors(grad_out, sizeof(scalar_t));  // dy: [M][C_out] from the allocator
 
     // B1 + B2: dbeta = sum g, dgamma = sum g * yhat.
     at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
@@ -1106,6 +1166,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.dgamma = dgamma.data_ptr<acc_t>();
     k.dy = dy.data_ptr<scalar_t>();
     k.grad_x = act_view<scalar_t>(grad_x);
+    k.grad_x_vec = channel_vectors(grad_x, sizeof(scalar_t));
     k.stride = (int)stride;
     k.in_h = (int)in_h; k.in_w = (int)in_w;
     launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
