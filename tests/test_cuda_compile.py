@@ -6,8 +6,8 @@ or loaded). Skipped only where nvcc is missing.
 The same compile's reports are checked too: ptxas (-v) reports no spills in any kernel
 and at most 128 registers for the 256-thread tile kernels (2 blocks per SM), and the PTX
 of the bf16 / fp16 tile kernels runs their GEMMs on the tensor cores (mma.sync), and every
-row kernel has 16-byte vector loads (ld.global.v4), the apply and dy passes 16-byte
-stores, for channels in aligned runs."""
+row kernel and the dW kernel have 16-byte vector loads (ld.global.v4), the apply and dy
+passes 16-byte stores, for channels in aligned runs."""
 
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
         if ("rows_kernel" in entry or "dw_partial_kernel" in entry) and ("BFloat16" in entry or "Half" in entry):
             kind = "bf16" if "BFloat16" in entry else "f16"
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in body, f"no tensor-core mma in {entry}"
-        if "rows_kernel" in entry:
-            # load_rows' vector path: whole 16-byte vectors of channels from global memory.
+        if "rows_kernel" in entry or "dw_partial_kernel" in entry:
+            # The vector paths: whole 16-byte vectors of channels from global memory.
             wide = r"(v4\.(u32|b32|f32)|v2\.(f64|u64|b64))"
             assert re.search(r"ld\.global(\.nc)?\." + wide, body), f"no 16-byte global load in {entry}"
             if entry.endswith(("1>", "3>")):  # FWD_APPLY, BWD_DX: out, dy and grad_x stored in vectors

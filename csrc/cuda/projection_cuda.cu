@@ -59,8 +59,9 @@
 // Loads and stores: the row kernels move an activation in 16-byte vectors of channels where
 // its channels come in aligned runs (channels_last, C a multiple of 16 / e: the SPEC shapes
 // in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out in
-// the dy pass, dy and grad_x; elsewhere element-wise along the contiguous dimension
-// (coalesced), as is grad_out in the statistics pass (one thread per column).
+// the dy pass, dy and grad_x, and the dW kernel's dy and saved; elsewhere element-wise along
+// the contiguous dimension (coalesced), as is grad_out in the statistics pass (one thread
+// per column).
 // Not done yet: vectors in NCHW, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
@@ -679,8 +680,8 @@ constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
-    const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, int C_in, int C_out, int Ho,
-    int Wo, int64_t M, int64_t chunk, acc_t* ws) {
+    const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, bool p_vec, int C_in,
+    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, acc_t* ws) {
   constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
   __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
   __shared__ int64_t row_off[KD];
@@ -696,20 +697,50 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
       row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < ROWS * KD; e += NT) {
-      const int r = e % ROWS, kk = e / ROWS;  // dy is co-contiguous
-      const int64_t m = k0 + kk, co = co0 + r;
-      As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
-    }
-    for (int e = threadIdx.x; e < TN * KD; e += NT) {
-      const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
-      const int64_t mb = k0 + kb, ci = ci0 + c;
-      scalar_t v = static_cast<scalar_t>(acc_t(0));
-      if (mb < k_end && ci < C_in) {
-        const acc_t sub = shift != nullptr ? load_param(shift + ci) : acc_t(0);
-        v = static_cast<scalar_t>(static_cast<acc_t>(load_act(p.ptr + row_off[kb] + ci * p.sc)) - sub);
+    // Both operands are channel-contiguous in global memory: 16-byte vectors of channels
+    // where they come in aligned runs (dy_vec, p_vec), transposed into k-contiguous rows.
+    using Vec = ChannelVec<scalar_t>;
+    constexpr int VW = Vec::n;
+    if (dy_vec) {  // C_out is a multiple of VW: a vector is wholly in or out
+      for (int e = threadIdx.x; e < ROWS / VW * KD; e += NT) {
+        const int r = e % (ROWS / VW) * VW, kk = e / (ROWS / VW);
+        const int64_t m = k0 + kk, co = co0 + r;
+        Vec v;
+        if (m < k_end && co < C_out) v = load_act(reinterpret_cast<const Vec*>(dy + m * C_out + co));
+        for (int j = 0; j < VW; ++j)
+          As[(r + j) * ld + kk] = m < k_end && co < C_out ? v.v[j] : static_cast<scalar_t>(acc_t(0));
       }
-      Bs[c * ld + kb] = v;
+    } else {
+      for (int e = threadIdx.x; e < ROWS * KD; e += NT) {
+        const int r = e % ROWS, kk = e / ROWS;
+        const int64_t m = k0 + kk, co = co0 + r;
+        As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
+      }
+    }
+    if (p_vec) {  // C_in is a multiple of VW
+      for (int e = threadIdx.x; e < TN / VW * KD; e += NT) {
+        const int c = e % (TN / VW) * VW, kb = e / (TN / VW);
+        const int64_t mb = k0 + kb, ci = ci0 + c;
+        const bool in = mb < k_end && ci < C_in;
+        Vec v;
+        if (in) v = load_act(reinterpret_cast<const Vec*>(p.ptr + row_off[kb] + ci));
+        for (int j = 0; j < VW; ++j) {
+          const acc_t sub = in && shift != nullptr ? load_param(shift + ci + j) : acc_t(0);
+          Bs[(c + j) * ld + kb] = in ? static_cast<scalar_t>(static_cast<acc_t>(v.v[j]) - sub)
+                                     : static_cast<scalar_t>(acc_t(0));
+        }
+      }
+    } else {
+      for (int e = threadIdx.x; e < TN * KD; e += NT) {
+        const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
+        const int64_t mb = k0 + kb, ci = ci0 + c;
+        scalar_t v = static_cast<scalar_t>(acc_t(0));
+        if (mb < k_end && ci < C_in) {
+          const acc_t sub = shift != nullptr ? load_param(shift + ci) : acc_t(0);
+          v = static_cast<scalar_t>(static_cast<acc_t>(load_act(p.ptr + row_off[kb] + ci * p.sc)) - sub);
+        }
+        Bs[c * ld + kb] = v;
+      }
     }
     __syncthreads();
     mma_chunk(acc, As, ld, Bs, ld, KD, f);
@@ -1181,7 +1212,8 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     const int64_t splits = cdiv(M, chunk);
     at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
-        k.dy, k.src, sub, k.src_cfast, (int)C_in, (int)C_out, (int)Ho, (int)Wo, M, chunk, ws.data_ptr<acc_t>());
+        k.dy, k.src, sub, k.src_cfast, C_out % ChannelVec<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
+        (int)Wo, M, chunk, ws.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
         ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
