@@ -451,6 +451,27 @@ def test_emulated_projections_low_precision(emulated_ops, dtype, how, training):
     check_source(source, emulated_ops, dtype, _within_eager(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ceil", [True, False])
+def test_emulated_pooling_vectors_equal_elements(emulated_ops, dtype, ceil):
+    """channels_last with C = 24: the pooling kernels move channels in 16-byte vectors; the
+    same values one element off alignment, element by element: bitwise equal results."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 24, 17, 13, generator=g, dtype=torch.float64).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    strides = [2, 4, 8]
+    pooled = emulated_ops.pool_source(x, strides, ceil)
+    assert all(torch.equal(a, b) for a, b in zip(pooled, emulated_ops.pool_source(misaligned(x), strides, ceil)))
+    for p, s in zip(pooled, strides):
+        torch.testing.assert_close(p, F.avg_pool2d(x, s, s, ceil_mode=ceil, count_include_pad=False))
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(
+        memory_format=torch.channels_last) for p in pooled]
+    grad_x = emulated_ops.pool_source_backward(grads, strides, ceil, 17, 13, True)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grad_x, emulated_ops.pool_source_backward([misaligned(t) for t in grads], strides, ceil,
+                                                                  17, 13, True))
+
+
 LARGE_TILE_CASES = [SOURCE_CASES[7], SOURCE_CASES[8]]
 
 

@@ -240,6 +240,9 @@ def test_source_read_once_in_forward_and_its_gradient_written_once_in_backward(e
     assert total(fwd + bwd, "watched_write") == 0
     unpool = [r for r in bwd if r["name"] == "unpool_sum_kernel"]
     assert len(unpool) == 1 and unpool[0]["act_write"] == x
+    if how == "channels_last":  # 64 channels: 16-byte vectors of channels
+        assert pool[0]["wide_read"] == x and pool[0]["wide_write"] == pool[0]["act_write"]
+        assert unpool[0]["wide_write"] == x and unpool[0]["wide_read"] == unpool[0]["act_read"]
     # The other backward launches are the targets' own at stride 1: they write what the
     # single-target calls write, with each target's grad of its pooled input in place of
     # a grad_x.

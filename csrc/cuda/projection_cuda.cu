@@ -59,7 +59,8 @@
 // Loads and stores: the row kernels move an activation in 16-byte vectors of channels where
 // its channels come in aligned runs (channels_last, C a multiple of 16 / e: the SPEC shapes
 // in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out in
-// the dy pass, dy and grad_x, and the dW kernel's dy and saved; elsewhere element-wise along
+// the dy pass, dy and grad_x, and the dW kernel's dy and saved (the pooling kernels PM and
+// PU likewise: x, the pooled levels, their gradients and grad_x); elsewhere element-wise along
 // the contiguous dimension (coalesced), as is grad_out in the statistics pass (one thread
 // per column).
 // Not done yet: vectors in NCHW, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
@@ -875,25 +876,55 @@ __device__ __forceinline__ int tile_offset(int c, int r, int col, int cc, int ro
 // Pixels a window of stride s starting at o * s covers along a side of n pixels.
 __device__ __forceinline__ int covered(int o, int s, int n) { return min(s, n - o * s); }
 
-template <typename scalar_t, typename acc_t>
+// V consecutive channels of an activation at one pixel: one 16-byte vector (V = 16 / e,
+// the tensor's channels in aligned runs) or one element (V = 1).
+template <int V, typename scalar_t>
+__device__ __forceinline__ void load_channels(const scalar_t* p, scalar_t (&v)[V]) {
+  if constexpr (V == 1) {
+    v[0] = load_act(p);
+  } else {
+    static_assert(V == ChannelVec<scalar_t>::n, "a vector is 16 bytes");
+    const ChannelVec<scalar_t> in = load_act(reinterpret_cast<const ChannelVec<scalar_t>*>(p));
+    for (int j = 0; j < V; ++j) v[j] = in.v[j];
+  }
+}
+template <int V, typename scalar_t>
+__device__ __forceinline__ void store_channels(scalar_t* p, const scalar_t (&v)[V]) {
+  if constexpr (V == 1) {
+    store_act(p, v[0]);
+  } else {
+    ChannelVec<scalar_t> out;
+    for (int j = 0; j < V; ++j) out.v[j] = v[j];
+    store_act(reinterpret_cast<ChannelVec<scalar_t>*>(p), out);
+  }
+}
+
+// Each thread takes V consecutive channels of a tile position (a group): i.c below is the
+// group, its channels i.c * V + j; V > 1 only in channels_last, where they are adjacent in
+// the tile buffers too.
+template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const scalar_t> x,
                                                         LevelActs<scalar_t> out) {
   HIRES_DYNAMIC_SHARED(smem);
   const PoolSmem L(g, true);
   acc_t* sums = reinterpret_cast<acc_t*>(smem);
   const PoolTile t(g);
-  const int s0 = g.s[0], X = g.bw * g.S;
+  const int s0 = g.s[0], X = g.bw * g.S, groups = g.cc / V;
   // Only the pixels the level-0 windows cover are read (floor mode leaves the others).
   const int h_end = min(g.H, g.ho[0] * s0), w_end = min(g.W, g.wo[0] * s0);
   acc_t* columns = sums + L.columns;
-  for (int e = threadIdx.x; e < g.cc * (g.S / s0) * X; e += NT) {
-    const TileIndex i = tile_index(e, g.cc, g.S / s0, X, g.cfast);
-    const int c = t.c0 + i.c, h0 = t.h0 + i.r * s0, w = t.w0 + i.col;
-    acc_t sum = 0;
+  for (int e = threadIdx.x; e < groups * (g.S / s0) * X; e += NT) {
+    const TileIndex i = tile_index(e, groups, g.S / s0, X, g.cfast);
+    const int c = t.c0 + i.c * V, h0 = t.h0 + i.r * s0, w = t.w0 + i.col;
+    acc_t sum[V];
+    for (int j = 0; j < V; ++j) sum[j] = acc_t(0);
     if (c < g.C && w < w_end)
-      for (int h = h0; h < min(h0 + s0, h_end); ++h)
-        sum += static_cast<acc_t>(load_act(x.ptr + x.offset(t.n, c, h, w)));
-    columns[e] = sum;
+      for (int h = h0; h < min(h0 + s0, h_end); ++h) {
+        scalar_t v[V];
+        load_channels<V>(x.ptr + x.offset(t.n, c, h, w), v);
+        for (int j = 0; j < V; ++j) sum[j] += static_cast<acc_t>(v[j]);
+      }
+    for (int j = 0; j < V; ++j) columns[tile_offset(i.c * V + j, i.r, i.col, g.cc, g.S / s0, X, g.cfast)] = sum[j];
   }
   __syncthreads();
   for (int l = 0; l < g.L; ++l) {
@@ -902,31 +933,35 @@ __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const
     const int qr = l == 0 ? 1 : s / g.s[l - 1], qc = l == 0 ? s : qr;
     const acc_t* part = l == 0 ? columns : sums + L.level[l - 1];
     acc_t* mine = sums + L.level[l];
-    for (int e = threadIdx.x; e < g.cc * rows * cols; e += NT) {
-      const TileIndex i = tile_index(e, g.cc, rows, cols, g.cfast);
-      acc_t sum = 0;
-      for (int a = 0; a < qr; ++a)
-        for (int b = 0; b < qc; ++b)
-          sum += part[tile_offset(i.c, i.r * qr + a, i.col * qc + b, g.cc, rows * qr, cols * qc, g.cfast)];
-      mine[e] = sum;
-      const int c = t.c0 + i.c, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
-      if (c < g.C && oh < g.ho[l] && ow < g.wo[l]) {
-        const acc_t count = static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W));
-        store_act(out.t[l].ptr + out.t[l].offset(t.n, c, oh, ow), static_cast<scalar_t>(sum / count));
+    for (int e = threadIdx.x; e < groups * rows * cols; e += NT) {
+      const TileIndex i = tile_index(e, groups, rows, cols, g.cfast);
+      const int c = t.c0 + i.c * V, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
+      const bool in = c < g.C && oh < g.ho[l] && ow < g.wo[l];
+      const acc_t count = in ? static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W)) : acc_t(1);
+      scalar_t o[V];
+      for (int j = 0; j < V; ++j) {
+        const int cj = i.c * V + j;
+        acc_t sum = 0;
+        for (int a = 0; a < qr; ++a)
+          for (int b = 0; b < qc; ++b)
+            sum += part[tile_offset(cj, i.r * qr + a, i.col * qc + b, g.cc, rows * qr, cols * qc, g.cfast)];
+        mine[tile_offset(cj, i.r, i.col, g.cc, rows, cols, g.cfast)] = sum;
+        o[j] = static_cast<scalar_t>(sum / count);
       }
+      if (in) store_channels<V>(out.t[l].ptr + out.t[l].offset(t.n, c, oh, ow), o);
     }
     __syncthreads();
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelActs<const scalar_t> grad,
                                                          Act<scalar_t> grad_x) {
   HIRES_DYNAMIC_SHARED(smem);
   const PoolSmem L(g, false);
   acc_t* vals = reinterpret_cast<acc_t*>(smem);
   const PoolTile t(g);
-  const int X = g.bw * g.S;
+  const int X = g.bw * g.S, groups = g.cc / V;
   // Per window, coarsest first: its gradient's share of each pixel it covers plus its
   // parent's value. A window that does not exist holds 0: in floor mode a finer window
   // that reaches past the coarser ones finds its parent 0.
@@ -934,27 +969,36 @@ __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelAct
     const int s = g.s[l], rows = g.S / s, cols = X / s;
     const int q = l + 1 < g.L ? g.s[l + 1] / s : 1;
     acc_t* mine = vals + L.level[l];
-    for (int e = threadIdx.x; e < g.cc * rows * cols; e += NT) {
-      const TileIndex i = tile_index(e, g.cc, rows, cols, g.cfast);
-      const int c = t.c0 + i.c, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
-      acc_t v = 0;
-      if (c < g.C && oh < g.ho[l] && ow < g.wo[l]) {
-        const acc_t count = static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W));
-        v = static_cast<acc_t>(load_act(grad.t[l].ptr + grad.t[l].offset(t.n, c, oh, ow))) / count;
-        if (l + 1 < g.L)
-          v += vals[L.level[l + 1] + tile_offset(i.c, i.r / q, i.col / q, g.cc, rows / q, cols / q, g.cfast)];
+    for (int e = threadIdx.x; e < groups * rows * cols; e += NT) {
+      const TileIndex i = tile_index(e, groups, rows, cols, g.cfast);
+      const int c = t.c0 + i.c * V, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
+      const bool in = c < g.C && oh < g.ho[l] && ow < g.wo[l];
+      scalar_t gv[V];
+      if (in) load_channels<V>(grad.t[l].ptr + grad.t[l].offset(t.n, c, oh, ow), gv);
+      const acc_t count = in ? static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W)) : acc_t(1);
+      for (int j = 0; j < V; ++j) {
+        const int cj = i.c * V + j;
+        acc_t v = 0;
+        if (in) {
+          v = static_cast<acc_t>(gv[j]) / count;
+          if (l + 1 < g.L)
+            v += vals[L.level[l + 1] + tile_offset(cj, i.r / q, i.col / q, g.cc, rows / q, cols / q, g.cfast)];
+        }
+        mine[tile_offset(cj, i.r, i.col, g.cc, rows, cols, g.cfast)] = v;
       }
-      mine[e] = v;
     }
     __syncthreads();
   }
   const int s0 = g.s[0];
-  for (int e = threadIdx.x; e < g.cc * g.S * X; e += NT) {
-    const TileIndex i = tile_index(e, g.cc, g.S, X, g.cfast);
-    const int c = t.c0 + i.c, h = t.h0 + i.r, w = t.w0 + i.col;
+  for (int e = threadIdx.x; e < groups * g.S * X; e += NT) {
+    const TileIndex i = tile_index(e, groups, g.S, X, g.cfast);
+    const int c = t.c0 + i.c * V, h = t.h0 + i.r, w = t.w0 + i.col;
     if (c >= g.C || h >= g.H || w >= g.W) continue;
-    const acc_t v = vals[L.level[0] + tile_offset(i.c, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)];
-    store_act(grad_x.ptr + grad_x.offset(t.n, c, h, w), static_cast<scalar_t>(v));
+    scalar_t o[V];
+    for (int j = 0; j < V; ++j)
+      o[j] = static_cast<scalar_t>(
+          vals[L.level[0] + tile_offset(i.c * V + j, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]);
+    store_channels<V>(grad_x.ptr + grad_x.offset(t.n, c, h, w), o);
   }
 }
 
@@ -1281,6 +1325,26 @@ int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size,
 
 unsigned pool_tiles(const PoolGeometry& g, int64_t N) { return (unsigned)(N * g.h_tiles * g.w_tiles * g.c_tiles); }
 
+// One launch of each pooling kernel with V channels per global access (a 16-byte vector
+// where every tensor it touches takes them, else 1).
+template <typename scalar_t, typename acc_t, int V>
+void launch_pool_many(const PoolGeometry& g, int64_t N, const at::Tensor& x, const LevelActs<scalar_t>& out,
+                      int device) {
+  const int smem = pool_smem(pool_many_kernel<scalar_t, acc_t, V>, g, true, sizeof(acc_t), device);
+  pool_many_kernel<scalar_t, acc_t, V><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
+      g, act_view<const scalar_t>(x), out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_unpool_sum(const PoolGeometry& g, int64_t N, const LevelActs<const scalar_t>& grad,
+                       const at::Tensor& grad_x, int device) {
+  const int smem = pool_smem(unpool_sum_kernel<scalar_t, acc_t, V>, g, false, sizeof(acc_t), device);
+  unpool_sum_kernel<scalar_t, acc_t, V><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
+      g, grad, act_view<scalar_t>(grad_x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef strides, bool ceil_mode) {
   hires::check_pool_source(x_in, strides, ceil_mode);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
@@ -1295,11 +1359,15 @@ std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_source_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LevelActs<scalar_t> out{};
-    for (int l = 0; l < g.L; ++l) out.t[l] = act_view<scalar_t>(level_out[l]);
-    const int smem = pool_smem(pool_many_kernel<scalar_t, acc_t>, g, true, sizeof(acc_t), device);
-    pool_many_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
-        g, act_view<const scalar_t>(x), out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bool vectors = g.cfast && channel_vectors(x, sizeof(scalar_t));
+    for (int l = 0; l < g.L; ++l) {
+      out.t[l] = act_view<scalar_t>(level_out[l]);
+      vectors = vectors && channel_vectors(level_out[l], sizeof(scalar_t));
+    }
+    if (vectors)
+      launch_pool_many<scalar_t, acc_t, ChannelVec<scalar_t>::n>(g, N, x, out, device);
+    else
+      launch_pool_many<scalar_t, acc_t, 1>(g, N, x, out, device);
   });
   std::vector<at::Tensor> pooled;
   for (int64_t s : strides) pooled.push_back(level_out[level_of(g, s)]);
@@ -1320,11 +1388,15 @@ at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strid
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "pool_source_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LevelActs<const scalar_t> in{};
-    for (int l = 0; l < g.L; ++l) in.t[l] = act_view<const scalar_t>(level[l]);
-    const int smem = pool_smem(unpool_sum_kernel<scalar_t, acc_t>, g, false, sizeof(acc_t), device);
-    unpool_sum_kernel<scalar_t, acc_t><<<pool_tiles(g, N), NT, smem, c10::cuda::getCurrentCUDAStream().stream()>>>(
-        g, in, act_view<scalar_t>(grad_x));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bool vectors = g.cfast && channel_vectors(grad_x, sizeof(scalar_t));
+    for (int l = 0; l < g.L; ++l) {
+      in.t[l] = act_view<const scalar_t>(level[l]);
+      vectors = vectors && channel_vectors(level[l], sizeof(scalar_t));
+    }
+    if (vectors)
+      launch_unpool_sum<scalar_t, acc_t, ChannelVec<scalar_t>::n>(g, N, in, grad_x, device);
+    else
+      launch_unpool_sum<scalar_t, acc_t, 1>(g, N, in, grad_x, device);
   });
   return grad_x;
 }
