@@ -22,6 +22,7 @@ inline void check_pool_strides(at::IntArrayRef stride, const char* op) {
   std::vector<int64_t> s(stride.begin(), stride.end());
   std::sort(s.begin(), s.end());
   TORCH_CHECK_VALUE(s.front() > 1, op, ": every stride must be > 1 (a stride-1 target reads x itself), got ", stride);
+  TORCH_CHECK_VALUE(s.back() <= INT32_MAX, op, ": stride ", s.back(), " is too large");
   for (size_t i = 1; i < s.size(); ++i) {
     TORCH_CHECK_VALUE(s[i] != s[i - 1], op, ": strides must be distinct, got ", stride);
     TORCH_CHECK_VALUE(s[i] % s[i - 1] == 0, op, ": every stride must divide the larger ones, got ", stride,
@@ -52,7 +53,9 @@ inline void check_pool_source_backward(at::TensorList grad, at::IntArrayRef stri
                     grad.size(), " for ", stride.size(), " strides");
   for (size_t t = 0; t < grad.size(); ++t) {
     const at::Tensor& g = grad[t];
-    TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) == grad[0].size(0) && g.size(1) == grad[0].size(1) &&
+    TORCH_CHECK_VALUE(g.defined() && g.dim() == 4, "pool_source_backward: grad[", t, "] must be a 4-D tensor, got ",
+                      g.defined() ? g.sizes() : at::IntArrayRef{});
+    TORCH_CHECK_VALUE(g.size(0) == grad[0].size(0) && g.size(1) == grad[0].size(1) &&
                           g.size(2) == pooled_size(in_h, stride[t], ceil_mode) &&
                           g.size(3) == pooled_size(in_w, stride[t], ceil_mode) &&
                           g.scalar_type() == grad[0].scalar_type(),

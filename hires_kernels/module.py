@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .pooling import pool_source
-from .projection import fused_projection, projection_reference
+from .projection import check_call, fused_projection, projection_reference
 
 __all__ = ["BatchNormArgs", "HierarchicalProjection", "batch_norm_args", "project_source"]
 
@@ -101,7 +101,9 @@ def project_source(x: torch.Tensor, projections: Sequence[HierarchicalProjection
     """``[p(x, r) for p, r in zip(projections, residuals)]``, with ``x`` pooled once for all of
     them (:func:`hires_kernels.pooling.pool_source`: one read of x, and in backward one
     write of its gradient); each projection then runs at stride 1 on its pooled input.
-    Results, running statistics and ``num_batches_tracked`` are those of the separate calls.
+    Results, running statistics and ``num_batches_tracked`` are those of the separate calls
+    up to rounding (the pooled input is rounded to x's dtype, as ``avg_pool2d`` rounds it).
+    Every projection's arguments are checked before the first one runs.
     """
     if residuals is None:
         residuals = [None] * len(projections)
@@ -110,6 +112,10 @@ def project_source(x: torch.Tensor, projections: Sequence[HierarchicalProjection
     if not projections:
         return []
     if any(p.ceil_mode != projections[0].ceil_mode for p in projections):
-        return [p(x, r) for p, r in zip(projections, residuals)]
+        raise ValueError("project_source: the projections pool with different ceil_mode; call each one instead")
+    for p, r in zip(projections, residuals):
+        a = batch_norm_args(p.training, p.bn)
+        check_call(x, p.conv.weight, p.bn.weight, p.bn.bias, a.running_mean, a.running_var, r, p.stride, a.training,
+                   p.bn.eps, p.ceil_mode)
     pooled = pool_source(x, [p.stride for p in projections], ceil_mode=projections[0].ceil_mode)
     return [p(q, r, pooled=True) for p, q, r in zip(projections, pooled, residuals)]

@@ -386,11 +386,24 @@ def fused_projection(
                               stride, training, momentum, eps, ceil_mode, name)
 
 
+def _fail_projections(msg: str):
+    raise ValueError(f"fused_projections: {msg}")
+
+
 def _per_target(value, k: int, name: str) -> list[float]:
     values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * k
     if len(values) != k:
-        _fail(f"{name} needs one value per target ({k}), got {len(values)}")
+        _fail_projections(f"{name} needs one value per target ({k}), got {len(values)}")
     return values
+
+
+def check_call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode):
+    """Every check :func:`fused_projection` makes of these arguments, raised the same way,
+    without running it: callers of several projections check them all before the first
+    call moves its statistics."""
+    _check_python_types(x, stride)
+    x, residual = _autocast(x, residual)
+    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
 
 
 def fused_projections(
@@ -398,11 +411,13 @@ def fused_projections(
     strides, training=True, momentum=0.1, eps=1e-5, ceil_mode=False, backend=None,
 ):
     """Every projection of one source ``x``: ``[fused_projection(x, weights[t], bn_weights[t],
-    bn_biases[t], running_means[t], running_vars[t], residuals[t], stride=strides[t], ...) for t]``.
+    bn_biases[t], running_means[t], running_vars[t], residuals[t], stride=strides[t], ...) for t]``
+    up to rounding: the pooled input is rounded to x's dtype, as ``avg_pool2d`` rounds it.
 
     ``x`` is pooled once for every target (:func:`hires_kernels.pooling.pool_source`: one
     read of x, and in backward one write of its gradient), then each target's projection
-    runs at stride 1 on its pooled input, with its residual fused.
+    runs at stride 1 on its pooled input, with its residual fused. Every target's arguments
+    are checked before the first call.
 
     Args:
         x: ``[N, C_in, H, W]``, as for :func:`fused_projection`.
@@ -414,19 +429,18 @@ def fused_projections(
     """
     k = len(weights)
     if k == 0:
-        _fail("no targets (weights is empty)")
+        _fail_projections("no targets (weights is empty)")
     residuals = [None] * k if residuals is None else residuals
     lists = {"bn_weights": bn_weights, "bn_biases": bn_biases, "running_means": running_means,
              "running_vars": running_vars, "residuals": residuals, "strides": strides}
     for name, values in lists.items():
         if len(values) != k:
-            _fail(f"{name} needs one entry per target ({k} weights), got {len(values)}")
+            _fail_projections(f"{name} needs one entry per target ({k} weights), got {len(values)}")
     momenta, epss = _per_target(momentum, k, "momentum"), _per_target(eps, k, "eps")
     # Every target is checked before the first one's call moves its statistics.
     for w, g, b, rm, rv, r, s, e in zip(weights, bn_weights, bn_biases, running_means, running_vars, residuals,
                                         strides, epss):
-        _check_python_types(x, s)
-        _validate(x, w, g, b, rm, rv, r, s, training, e, ceil_mode)
+        check_call(x, w, g, b, rm, rv, r, s, training, e, ceil_mode)
     return [fused_projection(p, w, g, b, rm, rv, r, stride=1, training=training, momentum=m, eps=e, backend=backend)
             for p, w, g, b, rm, rv, r, m, e in zip(pool_source(x, strides, ceil_mode=ceil_mode), weights, bn_weights,
                                                    bn_biases, running_means, running_vars, residuals, momenta, epss)]

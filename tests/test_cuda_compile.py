@@ -117,7 +117,8 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
             # The vector paths: whole 16-byte vectors of channels from global memory.
             wide = r"(v4\.(u32|b32|f32)|v2\.(f64|u64|b64))"
             assert re.search(r"ld\.global(\.nc)?\." + wide, body), f"no 16-byte global load in {entry}"
-            if entry.endswith(("1>", "3>")):  # FWD_APPLY, BWD_DX: out, dy and grad_x stored in vectors
+            # FWD_APPLY, BWD_DX (demangled or not): out, dy and grad_x stored in vectors
+            if "rows_kernel" in entry and re.search(r"(, [13]>|Li[13]EE)", entry):
                 assert re.search(r"st\.global\." + wide, body), f"no 16-byte global store in {entry}"
 
 

@@ -262,6 +262,40 @@ def test_bad_arguments_are_refused_before_any_update():
         torch.ops.hires.pool_source_backward(op(x, [2, 4], True)[::-1], [2, 4], True, 8, 8, False)
     with pytest.raises(ValueError, match="every stride must be an integer >= 1"):
         pool_source(x, [2, 0])
+    with pytest.raises(ValueError, match=r"grad\[0\] must be a 4-D tensor"):
+        torch.ops.hires.pool_source_backward([torch.randn(3, 5)], [2], True, 8, 8, False)
+    with pytest.raises(ValueError, match="stride 4294967296 is too large"):
+        op(x, [2, 2 ** 32], True)
+
+
+def test_project_source_checks_every_target_before_the_first_runs():
+    src = Source()
+    mods = _projections(src)
+    x = torch.randn(3, 5, 8, 8)
+    residuals = [None, torch.randn(3, 7, 3, 3), None]  # target 1's output is 2x2
+    before = [m.state_dict() for m in mods]
+    with pytest.raises(ValueError, match="residual must have shape"):
+        project_source(x, mods, residuals)
+    for m, b in zip(mods, before):
+        torch.testing.assert_close(m.state_dict(), b)
+
+
+def test_fused_projections_under_autocast_take_what_fused_projection_takes():
+    """An fp32 x with bf16 residuals under bf16 autocast: each target runs in bf16, as a
+    fused_projection call of the same arguments does."""
+    src = Source()
+    x, _, params = make(src, torch.float32)
+    ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
+    residuals = [torch.randn(src.n, c, *src.sizes(s)).bfloat16() for c, s in src.targets]
+    strides = [s for _, s in src.targets]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = fused_projections(x, ws, gs, bs, [t.clone() for t in rms], [t.clone() for t in rvs], residuals,
+                                 strides=strides, ceil_mode=True)
+        want = [hires_kernels.fused_projection(x, w, g, b, rm.clone(), rv.clone(), r, stride=s, ceil_mode=True)
+                for w, g, b, rm, rv, r, s in zip(ws, gs, bs, rms, rvs, residuals, strides)]
+    for o, w in zip(outs, want):
+        assert o.dtype == w.dtype == torch.bfloat16
+        torch.testing.assert_close(o, w, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)

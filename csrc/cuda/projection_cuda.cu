@@ -301,7 +301,7 @@ struct RowArgs {
   Act<const scalar_t> grad;       // BWD_*: grad_out
   bool act_cfast;                 // out / grad_out / grad_x channel stride is 1
   bool out_vec;                   // FWD_APPLY: out and residual in 16-byte vectors of channels
-  bool grad_vec;                  // BWD_*: grad_out (and dy) in 16-byte vectors of channels
+  bool grad_vec;                  // BWD_DX: grad_out (and dy) in 16-byte vectors of channels
   bool grad_x_vec;                // BWD_DX: grad_x in 16-byte vectors of channels
   scalar_t* dy;                   // BWD_DX: [M][C_out], the input of the dW kernel
   Act<scalar_t> grad_x;           // BWD_DX
