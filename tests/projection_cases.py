@@ -51,7 +51,7 @@ class Case:
     residual: bool = True
     affine: bool = True
     running: bool = True
-    layout: str = "nchw"  # "nchw" | "channels_last" | "strided"
+    layout: str = "nchw"  # "nchw" | "channels_last" | "strided" | "misaligned"
     offset: float = 0.0  # added to x: large means test the variance's stability
 
     def __str__(self):
@@ -81,6 +81,11 @@ CASES = [
     Case(layout="channels_last", stride=1, h=4, w=3),
     Case(offset=1000.0, n=4),
     Case(n=2, c_in=33, c_out=17, h=12, w=10, stride=2),
+    # Channels in 16-byte runs: the CUDA kernels' vector paths; one element off alignment,
+    # their element-wise paths on the same shape.
+    Case(n=2, c_in=16, c_out=24, h=9, w=7, stride=2, ceil_mode=True, layout="channels_last"),
+    Case(n=2, c_in=16, c_out=24, h=5, w=6, stride=1, training=False, layout="channels_last"),
+    Case(n=2, c_in=16, c_out=24, h=9, w=7, stride=2, ceil_mode=True, layout="misaligned"),
 ]
 
 
@@ -126,6 +131,10 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0, rounded_a
 def layout(t: torch.Tensor, how: str) -> torch.Tensor:
     if how == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
+    if how == "misaligned":  # channels_last in storage one element off 16-byte alignment
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        dense = t.contiguous(memory_format=torch.channels_last)
+        return storage[1:].as_strided(t.shape, dense.stride()).copy_(t)
     if how == "strided":  # a non-contiguous view with the same values
         big = torch.zeros(t.shape[0], t.shape[1] * 2, t.shape[2], t.shape[3] + 3, dtype=t.dtype, device=t.device)
         big[:, ::2, :, 1:-2] = t

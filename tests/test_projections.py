@@ -53,6 +53,7 @@ SOURCES = [
     Source(targets=((6, 4), (7, 2), (5, 2)), training=False),
     Source(h=13, w=11, targets=((6, 2), (7, 4), (9, 8)), ceil_mode=False, training=False, layout="channels_last"),
     Source(h=5, w=6, targets=((8, 2),), n=2, c_in=33),
+    Source(h=9, w=7, targets=((8, 2), (16, 4), (24, 8)), n=2, c_in=16, layout="channels_last"),  # CUDA vectors
 ]
 
 
