@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <functional>
@@ -75,9 +76,18 @@ inline unsigned char* emu_dynamic_smem = nullptr;
 // activation bytes moved by 16-byte accesses (reads, writes: vector loads and stores).
 inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2], emu_thread_wide[2];
 inline uintptr_t emu_watch_begin = 0, emu_watch_end = 0;
+// A GPU faults on a global access that is not aligned to its size (a 16-byte vector on a
+// 16-byte boundary); the CPU does not, so the emulation checks every access and the launch
+// fails with the first one found.
+inline std::atomic<uintptr_t> emu_misaligned{0};
+inline std::atomic<int64_t> emu_misaligned_bytes{0};
 inline void emu_count(int kind, const void* address, int64_t bytes) {
   emu_thread_bytes[kind] += bytes;
   const auto a = reinterpret_cast<uintptr_t>(address);
+  if (a % static_cast<uintptr_t>(bytes) != 0 && emu_misaligned.load() == 0) {
+    emu_misaligned_bytes = bytes;
+    emu_misaligned = a;
+  }
   if (a >= emu_watch_begin && a < emu_watch_end) emu_thread_watched[kind % 2] += bytes;  // kinds: read, write, ...
   if (kind < 2 && bytes >= 16) emu_thread_wide[kind] += bytes;  // ACT_READ, ACT_WRITE
 }
@@ -205,6 +215,9 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
       for (int i = 0; i < 2; ++i) record.wide[i] += emu_thread_wide[i];
     });
   for (auto& th : threads) th.join();
+  const uintptr_t misaligned = emu_misaligned.exchange(0);
+  TORCH_CHECK(misaligned == 0, "emulated launch ", name, ": a ", emu_misaligned_bytes.load(),
+              "-byte global access at address ", misaligned, " is not aligned to its size (a GPU would fault)");
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   emu_launches.push_back(record);
 }

@@ -4,7 +4,8 @@ Without a GPU the CUDA backend would only be compiled (test_cuda_compile.py). He
 source is turned into plain C++ (cuda_emulation.h: each block of a launch runs as one
 thread per CUDA thread with real barriers) and built as a CPU extension, so the kernels'
 index math, masks, barriers, reductions and launch code run in CI, on small shapes.
-Outputs start as NaN, so anything a kernel fails to write fails the comparison.
+Outputs start as NaN, so anything a kernel fails to write fails the comparison, and a
+global access not aligned to its size (which a GPU faults on) fails the launch.
 
 The oracle is the eager composition avg_pool2d -> conv2d -> batch_norm (+ residual) in
 float64 with torch's autograd, on the values the kernels see (inputs rounded to their
