@@ -58,11 +58,11 @@
 //
 // Loads and stores: the row kernels move an activation in 16-byte vectors of channels where
 // its channels come in aligned runs (channels_last, C a multiple of 16 / e: the SPEC shapes
-// in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out in
-// the dy pass, dy and grad_x, and the dW kernel's dy and saved (the pooling kernels PM and
-// PU likewise: x, the pooled levels, their gradients and grad_x); elsewhere element-wise along
-// the contiguous dimension (coalesced), as is grad_out in the statistics pass (one thread
-// per column).
+// in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out
+// (staged through shared memory in the statistics pass), dy and grad_x, and the dW
+// kernel's dy and saved (the pooling kernels PM and PU likewise: x, the pooled levels,
+// their gradients and grad_x); elsewhere element-wise along the contiguous dimension
+// (coalesced).
 // Not done yet: vectors in NCHW, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
@@ -301,7 +301,7 @@ struct RowArgs {
   Act<const scalar_t> grad;       // BWD_*: grad_out
   bool act_cfast;                 // out / grad_out / grad_x channel stride is 1
   bool out_vec;                   // FWD_APPLY: out and residual in 16-byte vectors of channels
-  bool grad_vec;                  // BWD_DX: grad_out (and dy) in 16-byte vectors of channels
+  bool grad_vec;                  // BWD_*: grad_out (and dy) in 16-byte vectors of channels
   bool grad_x_vec;                // BWD_DX: grad_x in 16-byte vectors of channels
   scalar_t* dy;                   // BWD_DX: [M][C_out], the input of the dW kernel
   Act<scalar_t> grad_x;           // BWD_DX
@@ -454,6 +454,24 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
     gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
+      // BWD_STATS with grad_out in 16-byte vectors: every thread stages the tile's g into Bs
+      // (free until the next gemm_weight stages the weight; tm <= 64 rows of TN fit), so the
+      // column loop below reads it from there, in the same order.
+      static_assert(64 * TN <= TN * (KC + KPAD), "a g tile of 64 rows fits in Bs");
+      const bool staged = EPI == BWD_STATS && a.grad_vec;
+      if (staged) {
+        using Vec = ChannelVec<scalar_t>;
+        constexpr int VW = Vec::n;
+        for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
+          const int c0 = e % (TN / VW) * VW, r = e / (TN / VW);
+          const int64_t co = co0 + c0;
+          Vec g{};
+          if (r < rows && co < a.C_out)
+            g = load_act(reinterpret_cast<const Vec*>(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+          *reinterpret_cast<Vec*>(Bs + r * TN + c0) = g;
+        }
+        __syncthreads();
+      }
       // One thread per column, over the rows in order (deterministic).
       const int c = threadIdx.x;
       const int64_t co = co0 + c;
@@ -468,7 +486,8 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
           }
         } else {  // sum g, sum g yhat
           for (int r = 0; r < rows; ++r) {
-            const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
+            const acc_t g = static_cast<acc_t>(
+                staged ? Bs[r * TN + c] : load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
             s0 += g;
             s1 += g * ((Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c]);
           }
