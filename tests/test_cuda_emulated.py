@@ -316,18 +316,21 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, training):
-    """channels_last activations whose channels come in 16-byte runs (C_in = 16, C_out = 24)
-    are moved in 16-byte vectors; the same values one element off alignment (x, residual,
-    grad_out), element by element. Both match the oracle, and bitwise each other: per
-    element the vectors compute the same terms in the same order."""
-    problem = Problem(2, 16, 24, 7, 9, stride, ceil=True, training=training, how="channels_last", dtype=dtype,
-                      seed=6)
+@pytest.mark.parametrize("how", ["channels_last", "nchw"])
+def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, training, how):
+    """Activations in 16-byte runs are moved in vectors: channels_last with C_in = 16 and
+    C_out = 24 (runs of channels), NCHW with 16 or 64 positions a plane at the pooled
+    resolution (runs of positions). The same values one element off alignment (x, residual,
+    grad_out) go element by element. Both match the oracle, and bitwise each other: per
+    element the runs compute the same terms in the same order."""
+    h, w = (7, 9) if how == "channels_last" else (8, 8)
+    problem = Problem(2, 16, 24, h, w, stride, ceil=True, training=training, how=how, dtype=dtype, seed=6)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
     vectors = problem.run_kernels(emulated_ops)
     problem.x, problem.residual, problem.grad_out = (misaligned(t) for t in (problem.x, problem.residual,
                                                                                problem.grad_out))
-    assert problem.x.data_ptr() % 16 != 0 and problem.x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if how == "channels_last" else torch.contiguous_format
+    assert problem.x.data_ptr() % 16 != 0 and problem.x.is_contiguous(memory_format=fmt)
     elements = problem.run_kernels(emulated_ops)
     for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):
         assert torch.equal(a, b)

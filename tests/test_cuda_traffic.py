@@ -62,9 +62,9 @@ def launches(ops) -> list[dict]:
     return rows
 
 
-def run(ops, c_in, h, c_out, ho, n, training):
+def run(ops, c_in, h, c_out, ho, n, training, how="channels_last"):
     """(forward launches, backward launches) of one call each, training or eval."""
-    return run_problem(ops, Problem(n, c_in, c_out, h, h, h // ho, training=training, how="channels_last",
+    return run_problem(ops, Problem(n, c_in, c_out, h, h, h // ho, training=training, how=how,
                                     dtype=torch.bfloat16, seed=5))
 
 
@@ -130,6 +130,26 @@ def test_row_kernels_move_activations_in_16_byte_vectors(emulated_ops, shape):
     assert f3["act_read"] == f3["wide_read"] == p + out and f3["act_write"] == f3["wide_write"] == out
     assert b1["act_read"] == b1["wide_read"] == p + out
     assert b3["act_read"] == b3["wide_read"] == p + out and b3["act_write"] == b3["wide_write"] == out + x
+    dw = next(r for r in bwd if r["name"] == "dw_partial_kernel")
+    assert dw["act_read"] == dw["wide_read"] > 0
+
+
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+def test_row_kernels_move_nchw_activations_in_16_byte_runs_of_positions(emulated_ops, shape):
+    """bf16 NCHW, 16 positions per channel plane at the pooled resolution: the passes over
+    `pooled` move it, the residual, out and grad_out in 16-byte runs of positions, and the
+    dW kernel reads dy and `pooled` in vectors. Element-wise: x (read through its pooling
+    windows), dy's stores (dy is [M][C_out]) and grad_x (written through the windows)."""
+    c_in, h, c_out, ho, _ = shape
+    s = h // ho
+    fwd, bwd = run(emulated_ops, c_in, 4 * s, c_out, 4, 1, True, how="nchw")
+    p, out = c_in * 16 * ELT, c_out * 16 * ELT
+    f1, f3 = [r for r in fwd if r["name"] == "rows_kernel"]
+    b1, b3 = [r for r in bwd if r["name"] == "rows_kernel"]
+    assert f1["wide_read"] == 0
+    assert f3["act_read"] == f3["wide_read"] == p + out and f3["act_write"] == f3["wide_write"] == out
+    assert b1["act_read"] == b1["wide_read"] == p + out
+    assert b3["act_read"] == b3["wide_read"] == p + out and b3["wide_write"] == 0
     dw = next(r for r in bwd if r["name"] == "dw_partial_kernel")
     assert dw["act_read"] == dw["wide_read"] > 0
 

@@ -56,14 +56,17 @@
 // to about 6500 channels (C_in + C_out) in bf16, 3300 in fp32, 1400 in fp64; beyond that
 // row_launch refuses the call.
 //
-// Loads and stores: the row kernels move an activation in 16-byte vectors of channels where
-// its channels come in aligned runs (channels_last, C a multiple of 16 / e: the SPEC shapes
-// in bf16): the input tile (x, pooled or saved), `pooled`, the residual, out, grad_out
-// (staged through shared memory in the statistics pass), dy and grad_x, and the dW
-// kernel's dy and saved (the pooling kernels PM and PU likewise: x, the pooled levels,
-// their gradients and grad_x); elsewhere element-wise along the contiguous dimension
-// (coalesced).
-// Not done yet: vectors in NCHW, cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
+// Loads and stores move 16-byte runs (VecMode, chosen per tensor by vec_mode): runs of
+// channels where the channels come in aligned runs (channels_last, C a multiple of 16 / e:
+// the SPEC shapes in bf16), else runs of positions where a tensor at the rows' resolution
+// is NCHW with its planes' positions in aligned runs (pooled, saved, residual, out,
+// grad_out, and grad_x at stride 1). That covers the input tile, `pooled`, the residual,
+// out, grad_out (staged through shared memory in the statistics pass), dy (runs of
+// channels only: it is [M][C_out]) and grad_x, the dW kernel's dy and saved, and the
+// pooling kernels PM and PU (runs of channels: x, the pooled levels, their gradients and
+// grad_x). Elsewhere element-wise along the contiguous dimension (coalesced): x read
+// through its windows and grad_x written through them in NCHW at stride > 1.
+// Not done yet: cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
@@ -277,7 +280,7 @@ struct RowArgs {
   Act<const scalar_t> src;        // x (pooled on load when s > 1) or saved
   int s, H, W;                    // window and src's spatial size
   bool src_cfast;                 // src's channel stride is 1
-  bool src_vec;                   // src (and pooled) in 16-byte vectors of channels (channel_vectors)
+  int src_vec;                    // VecMode of src (and pooled) in load_rows
   const acc_t* shift;             // nullable: subtracted from src on load
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
@@ -300,9 +303,9 @@ struct RowArgs {
   Act<const scalar_t> residual;   // FWD_APPLY, ptr nullable
   Act<const scalar_t> grad;       // BWD_*: grad_out
   bool act_cfast;                 // out / grad_out / grad_x channel stride is 1
-  bool out_vec;                   // FWD_APPLY: out and residual in 16-byte vectors of channels
-  bool grad_vec;                  // BWD_*: grad_out (and dy) in 16-byte vectors of channels
-  bool grad_x_vec;                // BWD_DX: grad_x in 16-byte vectors of channels
+  int out_vec;                    // VecMode of out and residual (FWD_APPLY)
+  int grad_vec;                   // VecMode of grad_out (BWD_*; and dy where it is CHANNELS)
+  int grad_x_vec;                 // VecMode of grad_x (BWD_DX)
   scalar_t* dy;                   // BWD_DX: [M][C_out], the input of the dW kernel
   Act<scalar_t> grad_x;           // BWD_DX
   int stride, in_h, in_w;         // BWD_DX: the op's stride and grad_x's spatial size
@@ -327,69 +330,103 @@ struct RowSmem {
   }
 };
 
-// 16 bytes of consecutive channels: one vector load or store (LDG.128 / STG.128).
+// 16 consecutive bytes of an activation (channels in channels_last, positions of one
+// channel plane in NCHW): one vector load or store (LDG.128 / STG.128).
 template <typename scalar_t>
-struct alignas(16) ChannelVec {
+struct alignas(16) Vec16 {
   static constexpr int n = 16 / sizeof(scalar_t);
   scalar_t v[n];
 };
 
+// How a kernel accesses an activation (vec_mode on the host picks it): element by element,
+// or in 16-byte runs of consecutive channels (channels_last) or of consecutive positions of
+// one channel (NCHW, at the pooled resolution).
+enum VecMode { ELEMENTS = 0, CHANNELS = 1, POSITIONS = 2 };
+
+// g consecutive elements at p into v[0, g): one 16-byte vector (g = Vec16::n, p aligned) or
+// one element (g = 1); and back.
+template <typename scalar_t, int N>
+__device__ __forceinline__ void load_run(const scalar_t* p, int g, scalar_t (&v)[N]) {
+  if constexpr (N == Vec16<scalar_t>::n) {
+    if (g > 1) {
+      const Vec16<scalar_t> in = load_act(reinterpret_cast<const Vec16<scalar_t>*>(p));
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[j] = in.v[j];
+      return;
+    }
+  }
+  v[0] = load_act(p);
+}
+template <typename scalar_t, int N>
+__device__ __forceinline__ void store_run(scalar_t* p, int g, const scalar_t (&v)[N]) {
+  if constexpr (N == Vec16<scalar_t>::n) {
+    if (g > 1) {
+      Vec16<scalar_t> out;
+#pragma unroll
+      for (int j = 0; j < N; ++j) out.v[j] = v[j];
+      store_act(reinterpret_cast<Vec16<scalar_t>*>(p), out);
+      return;
+    }
+  }
+  store_act(p, v[0]);
+}
+
+// A tile loop's item: a run of g elements from (r, c), along the channels (along_c) or the
+// rows; consecutive threads take consecutive runs along the contiguous dimension.
+struct Run {
+  int r, c, dr, dc;  // element j of the run: (r + j dr, c + j dc)
+  __device__ __forceinline__ Run(int e, int g, bool along_c, int rows_total, int cols_total) {
+    if (along_c) {
+      c = e % (cols_total / g) * g; r = e / (cols_total / g); dr = 0; dc = 1;
+    } else {
+      r = e % (rows_total / g) * g; c = e / (rows_total / g); dr = 1; dc = 0;
+    }
+  }
+};
+
 // Ps[r][k] = p(m0 + r, k) for r < rows, k < C (0 elsewhere up to kin): the window mean of
-// (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Where the
-// channels are contiguous in 16-byte aligned runs (src_vec), each thread loads whole
-// vectors of channels (consecutive threads, consecutive vectors) and stores them to Ps and
-// `pooled` as vectors; otherwise element by element along the contiguous dimension.
+// (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Each thread
+// takes a run of g elements (src_vec: 16-byte runs of channels, or at s = 1 of positions;
+// else g = 1), consecutive threads along the contiguous dimension; per element the same
+// sums in the same order whatever the run. A run is wholly in or out of range: C_in, or an
+// image's positions, are multiples of g.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, scalar_t* Ps, const int* rn,
                           const int* rh, const int* rw, int rows) {
-  const int kin = L.kin;
-  if (a.src_vec) {
-    using Vec = ChannelVec<scalar_t>;
-    constexpr int VW = Vec::n;
-    const int groups = kin / VW;  // kin is a multiple of 16, so of VW
-    for (int e = threadIdx.x; e < a.tm * groups; e += NT) {
-      const int r = e / groups, k0 = e % groups * VW;
-      Vec v;
-      if (r < rows && k0 < a.C_in) {  // C_in is a multiple of VW: the whole vector is in range
-        const int h0 = rh[r] * a.s, w0 = rw[r] * a.s;
-        const int h1 = min(h0 + a.s, a.H), w1 = min(w0 + a.s, a.W);
-        // The same sums of (src - shift), in the same order, as the element-wise path.
-        acc_t sum[VW], sub[VW];
-        for (int j = 0; j < VW; ++j) {
-          sum[j] = acc_t(0);
-          sub[j] = a.shift != nullptr ? load_param(a.shift + k0 + j) : acc_t(0);
-        }
-        for (int h = h0; h < h1; ++h)
-          for (int w = w0; w < w1; ++w) {
-            const Vec in = load_act(reinterpret_cast<const Vec*>(a.src.ptr + a.src.offset(rn[r], k0, h, w)));
-            for (int j = 0; j < VW; ++j) sum[j] += static_cast<acc_t>(in.v[j]) - sub[j];
-          }
-        const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
-        for (int j = 0; j < VW; ++j) v.v[j] = static_cast<scalar_t>(a.s == 1 ? sum[j] : sum[j] / count);
-        if (a.pooled.ptr != nullptr)
-          store_act(reinterpret_cast<Vec*>(a.pooled.ptr + a.pooled.offset(rn[r], k0, rh[r], rw[r])), v);
-      } else {
-        for (int j = 0; j < VW; ++j) v.v[j] = static_cast<scalar_t>(acc_t(0));
-      }
-      *reinterpret_cast<Vec*>(Ps + r * L.ldp + k0) = v;
-    }
-    return;
-  }
-  for (int e = threadIdx.x; e < a.tm * kin; e += NT) {
-    const int k = a.src_cfast ? e % kin : e / a.tm;
-    const int r = a.src_cfast ? e / kin : e % a.tm;
-    scalar_t v = static_cast<scalar_t>(acc_t(0));
-    if (r < rows && k < a.C_in) {
-      const int h0 = rh[r] * a.s, w0 = rw[r] * a.s;
+  constexpr int VW = Vec16<scalar_t>::n;
+  const int kin = L.kin, g = a.src_vec == ELEMENTS ? 1 : VW;
+  const bool along_k = a.src_vec == CHANNELS || (a.src_vec == ELEMENTS && a.src_cfast);
+  for (int e = threadIdx.x; e < a.tm * kin / g; e += NT) {
+    const Run u(e, g, along_k, a.tm, kin);
+    scalar_t v[VW];
+#pragma unroll
+    for (int j = 0; j < VW; ++j) v[j] = static_cast<scalar_t>(acc_t(0));
+    if (u.r < rows && u.c < a.C_in) {
+      const int h0 = rh[u.r] * a.s, w0 = rw[u.r] * a.s;
       const int h1 = min(h0 + a.s, a.H), w1 = min(w0 + a.s, a.W);
-      const acc_t sub = a.shift != nullptr ? load_param(a.shift + k) : acc_t(0);
-      acc_t sum = acc_t(0);
+      acc_t sum[VW], sub[VW];
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        sum[j] = acc_t(0);
+        sub[j] = j < g && a.shift != nullptr ? load_param(a.shift + u.c + j * u.dc) : acc_t(0);
+      }
       for (int h = h0; h < h1; ++h)
-        for (int w = w0; w < w1; ++w) sum += static_cast<acc_t>(load_act(a.src.ptr + a.src.offset(rn[r], k, h, w))) - sub;
-      v = static_cast<scalar_t>(a.s == 1 ? sum : sum / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
-      if (a.pooled.ptr != nullptr) store_act(a.pooled.ptr + a.pooled.offset(rn[r], k, rh[r], rw[r]), v);
+        for (int w = w0; w < w1; ++w) {
+          scalar_t in[VW];
+          load_run(a.src.ptr + a.src.offset(rn[u.r], u.c, h, w), g, in);
+#pragma unroll
+          for (int j = 0; j < VW; ++j)
+            if (j < g) sum[j] += static_cast<acc_t>(in[j]) - sub[j];
+        }
+      const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
+#pragma unroll
+      for (int j = 0; j < VW; ++j)
+        if (j < g) v[j] = static_cast<scalar_t>(a.s == 1 ? sum[j] : sum[j] / count);
+      if (a.pooled.ptr != nullptr) store_run(a.pooled.ptr + a.pooled.offset(rn[u.r], u.c, rh[u.r], rw[u.r]), g, v);
     }
-    Ps[r * L.ldp + k] = v;
+#pragma unroll
+    for (int j = 0; j < VW; ++j)
+      if (j < g) Ps[(u.r + j * u.dr) * L.ldp + u.c + j * u.dc] = v[j];
   }
 }
 
@@ -454,21 +491,22 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
     gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
-      // BWD_STATS with grad_out in 16-byte vectors: every thread stages the tile's g into Bs
+      // BWD_STATS with grad_out in 16-byte runs: every thread stages the tile's g into Bs
       // (free until the next gemm_weight stages the weight; tm <= 64 rows of TN fit), so the
       // column loop below reads it from there, in the same order.
       static_assert(64 * TN <= TN * (KC + KPAD), "a g tile of 64 rows fits in Bs");
-      const bool staged = EPI == BWD_STATS && a.grad_vec;
+      const bool staged = EPI == BWD_STATS && a.grad_vec != ELEMENTS;
       if (staged) {
-        using Vec = ChannelVec<scalar_t>;
-        constexpr int VW = Vec::n;
-        for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
-          const int c0 = e % (TN / VW) * VW, r = e / (TN / VW);
-          const int64_t co = co0 + c0;
-          Vec g{};
-          if (r < rows && co < a.C_out)
-            g = load_act(reinterpret_cast<const Vec*>(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
-          *reinterpret_cast<Vec*>(Bs + r * TN + c0) = g;
+        constexpr int VW = Vec16<scalar_t>::n;
+        for (int e = threadIdx.x; e < a.tm * TN / VW; e += NT) {
+          const Run u(e, VW, a.grad_vec == CHANNELS, a.tm, TN);
+          const int64_t co = co0 + u.c;
+          scalar_t gv[VW];
+#pragma unroll
+          for (int j = 0; j < VW; ++j) gv[j] = static_cast<scalar_t>(acc_t(0));
+          if (u.r < rows && co < a.C_out) load_run(a.grad.ptr + a.grad.offset(rn[u.r], co, rh[u.r], rw[u.r]), VW, gv);
+#pragma unroll
+          for (int j = 0; j < VW; ++j) Bs[(u.r + j * u.dr) * TN + u.c + j * u.dc] = gv[j];
         }
         __syncthreads();
       }
@@ -495,68 +533,61 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
         store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
         store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
       }
-    } else if (EPI == FWD_APPLY ? a.out_vec : a.grad_vec) {
-      // 16-byte vectors of channels, consecutive threads along them; per element the same
-      // arithmetic as the element-wise loop below.
-      using Vec = ChannelVec<scalar_t>;
-      constexpr int VW = Vec::n;
-      for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
-        const int c0 = e % (TN / VW) * VW, r = e / (TN / VW);
-        const int64_t co = co0 + c0;  // C_out is a multiple of VW: a vector is wholly in or out
-        const acc_t* y = Ys + r * PITCH + c0;
-        if (EPI == FWD_APPLY) {
-          if (r >= rows || co >= a.C_out) continue;
-          Vec res, o;
-          if (a.residual.ptr != nullptr)
-            res = load_act(reinterpret_cast<const Vec*>(a.residual.ptr + a.residual.offset(rn[r], co, rh[r], rw[r])));
-          for (int j = 0; j < VW; ++j) {
-            acc_t v = (y[j] - c_mean[c0 + j]) * c_scale[c0 + j] + c_beta[c0 + j];
-            if (a.residual.ptr != nullptr) v += static_cast<acc_t>(res.v[j]);
-            o.v[j] = static_cast<scalar_t>(v);
-          }
-          store_act(reinterpret_cast<Vec*>(a.out.ptr + a.out.offset(rn[r], co, rh[r], rw[r])), o);
-        } else {  // BWD_DX
-          if (co >= L.kout) continue;
-          Vec d;
-          if (r < rows && co < a.C_out) {
-            const Vec g = load_act(reinterpret_cast<const Vec*>(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
-            for (int j = 0; j < VW; ++j) {
-              const acc_t gj = static_cast<acc_t>(g.v[j]);
-              const acc_t yhat = (y[j] - c_mean[c0 + j]) * c_rstd[c0 + j];
-              d.v[j] = static_cast<scalar_t>(a.training ? c_scale[c0 + j] * (gj - c_db[c0 + j] - yhat * c_dg[c0 + j])
-                                                        : c_scale[c0 + j] * gj);
-            }
-            store_act(reinterpret_cast<Vec*>(a.dy + (m0 + r) * a.C_out + co), d);
-          } else {
-            for (int j = 0; j < VW; ++j) d.v[j] = static_cast<scalar_t>(acc_t(0));
-          }
-          *reinterpret_cast<Vec*>(Ds + r * L.ldd + co) = d;
-        }
-      }
     } else {
-      // Elementwise: consecutive threads along the contiguous direction.
-      for (int e = threadIdx.x; e < a.tm * TN; e += NT) {
-        const int c = a.act_cfast ? e % TN : e / a.tm;
-        const int r = a.act_cfast ? e / TN : e % a.tm;
-        const int64_t co = co0 + c;
-        const acc_t y = Ys[r * PITCH + c];
+      // Runs of g elements (out_vec for FWD_APPLY, grad_vec for BWD_DX: 16-byte runs of
+      // channels or positions; else g = 1), consecutive threads along the contiguous
+      // dimension; per element the reference's arithmetic. A run is wholly in or out of
+      // range (C_out, or an image's positions, are multiples of g).
+      constexpr int VW = Vec16<scalar_t>::n;
+      const int mode = EPI == FWD_APPLY ? a.out_vec : a.grad_vec;
+      const int g = mode == ELEMENTS ? 1 : VW;
+      for (int e = threadIdx.x; e < a.tm * TN / g; e += NT) {
+        const Run u(e, g, mode == CHANNELS || (mode == ELEMENTS && a.act_cfast), a.tm, TN);
+        const int64_t co = co0 + u.c;
         if (EPI == FWD_APPLY) {
-          if (r >= rows || co >= a.C_out) continue;
-          // (y - mean) * scale, then + beta, then + residual (the reference's order).
-          acc_t v = (y - c_mean[c]) * c_scale[c] + c_beta[c];
+          if (u.r >= rows || co >= a.C_out) continue;
+          scalar_t res[VW], o[VW];
           if (a.residual.ptr != nullptr)
-            v += static_cast<acc_t>(load_act(a.residual.ptr + a.residual.offset(rn[r], co, rh[r], rw[r])));
-          store_act(a.out.ptr + a.out.offset(rn[r], co, rh[r], rw[r]), static_cast<scalar_t>(v));
+            load_run(a.residual.ptr + a.residual.offset(rn[u.r], co, rh[u.r], rw[u.r]), g, res);
+#pragma unroll
+          for (int j = 0; j < VW; ++j) {
+            if (j >= g) break;
+            const int rj = u.r + j * u.dr, cj = u.c + j * u.dc;
+            // (y - mean) * scale, then + beta, then + residual (the reference's order).
+            acc_t v = (Ys[rj * PITCH + cj] - c_mean[cj]) * c_scale[cj] + c_beta[cj];
+            if (a.residual.ptr != nullptr) v += static_cast<acc_t>(res[j]);
+            o[j] = static_cast<scalar_t>(v);
+          }
+          store_run(a.out.ptr + a.out.offset(rn[u.r], co, rh[u.r], rw[u.r]), g, o);
         } else {  // BWD_DX: dy, rounded to scalar_t as eager's BatchNorm backward returns it
           if (co >= L.kout) continue;
-          scalar_t d = static_cast<scalar_t>(acc_t(0));
-          if (r < rows && co < a.C_out) {
-            const acc_t g = static_cast<acc_t>(load_act(a.grad.ptr + a.grad.offset(rn[r], co, rh[r], rw[r])));
-            const acc_t yhat = (y - c_mean[c]) * c_rstd[c];
-            d = static_cast<scalar_t>(a.training ? c_scale[c] * (g - c_db[c] - yhat * c_dg[c]) : c_scale[c] * g);
-            store_act(a.dy + (m0 + r) * a.C_out + co, d);
+          scalar_t d[VW];
+#pragma unroll
+          for (int j = 0; j < VW; ++j) d[j] = static_cast<scalar_t>(acc_t(0));
+          if (u.r < rows && co < a.C_out) {
+            scalar_t gv[VW];
+            load_run(a.grad.ptr + a.grad.offset(rn[u.r], co, rh[u.r], rw[u.r]), g, gv);
+#pragma unroll
+            for (int j = 0; j < VW; ++j) {
+              if (j >= g) break;
+              const int rj = u.r + j * u.dr, cj = u.c + j * u.dc;
+              const acc_t gj = static_cast<acc_t>(gv[j]);
+              const acc_t yhat = (Ys[rj * PITCH + cj] - c_mean[cj]) * c_rstd[cj];
+              d[j] = static_cast<scalar_t>(a.training ? c_scale[cj] * (gj - c_db[cj] - yhat * c_dg[cj])
+                                                      : c_scale[cj] * gj);
+            }
+            // dy is [M][C_out]: a run of channels is contiguous there, a run of positions is not.
+            if (mode == CHANNELS) {
+              store_run(a.dy + (m0 + u.r) * a.C_out + co, g, d);
+            } else {
+#pragma unroll
+              for (int j = 0; j < VW; ++j)
+                if (j < g) store_act(a.dy + (m0 + u.r + j * u.dr) * a.C_out + co + j * u.dc, d[j]);
+            }
           }
-          Ds[r * L.ldd + co] = d;
+#pragma unroll
+          for (int j = 0; j < VW; ++j)
+            if (j < g) Ds[(u.r + j * u.dr) * L.ldd + co + j * u.dc] = d[j];  // Ds spans every channel
         }
       }
     }
@@ -569,37 +600,38 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
   for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
     gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
-    // Vectors of VW channels where grad_x takes them (VW = 1: element by element).
-    const int VW = a.grad_x_vec ? ChannelVec<scalar_t>::n : 1;
-    for (int e = threadIdx.x; e < a.tm * (TN / VW); e += NT) {
-      const int c = VW > 1 || a.act_cfast ? e % (TN / VW) * VW : e / a.tm;
-      const int r = VW > 1 || a.act_cfast ? e / (TN / VW) : e % a.tm;
-      const int64_t ci = ci0 + c;
-      if (r >= rows || ci >= a.C_in) continue;  // with vectors C_in is a multiple of VW
+    // Runs of g elements where grad_x takes them (16-byte runs of channels, or at stride 1
+    // of positions; else g = 1).
+    constexpr int VW = Vec16<scalar_t>::n;
+    const int g = a.grad_x_vec == ELEMENTS ? 1 : VW;
+    for (int e = threadIdx.x; e < a.tm * TN / g; e += NT) {
+      const Run u(e, g, a.grad_x_vec == CHANNELS || (a.grad_x_vec == ELEMENTS && a.act_cfast), a.tm, TN);
+      const int r = u.r;
+      const int64_t ci = ci0 + u.c;
+      if (r >= rows || ci >= a.C_in) continue;  // a run is wholly in or out
+      // The run's windows: one (a run of channels) or, at stride 1, one pixel each (a run of
+      // positions, stored from its first).
       const int ho = rh[r], wo = rw[r], s = a.stride;
       const int h0 = ho * s, w0 = wo * s;
       const int h1 = min(h0 + s, a.in_h), w1 = min(w0 + s, a.in_w);
       const int h_own = ho == a.Ho - 1 ? a.in_h : h1;
       const int w_own = wo == a.Wo - 1 ? a.in_w : w1;
       const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
-      if (VW > 1) {
-        using Vec = ChannelVec<scalar_t>;
-        Vec v, zero_v;
-        for (int j = 0; j < Vec::n; ++j) {
-          v.v[j] = static_cast<scalar_t>(Ys[r * PITCH + c + j] / count);
-          zero_v.v[j] = static_cast<scalar_t>(acc_t(0));
-        }
-        for (int h = h0; h < h_own; ++h)
-          for (int w = w0; w < w_own; ++w)
-            store_act(reinterpret_cast<Vec*>(a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w)),
-                      (h < h1 && w < w1) ? v : zero_v);
-        continue;
+      scalar_t v[VW], zero_v[VW];
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        v[j] = j < g ? static_cast<scalar_t>(Ys[(r + j * u.dr) * PITCH + u.c + j * u.dc] / count)
+                     : static_cast<scalar_t>(acc_t(0));
+        zero_v[j] = static_cast<scalar_t>(acc_t(0));
       }
-      const scalar_t v = static_cast<scalar_t>(Ys[r * PITCH + c] / count);
-      const scalar_t zero_v = static_cast<scalar_t>(acc_t(0));
       for (int h = h0; h < h_own; ++h)
-        for (int w = w0; w < w_own; ++w)
-          store_act(a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w), (h < h1 && w < w1) ? v : zero_v);
+        for (int w = w0; w < w_own; ++w) {
+          scalar_t* at = a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w);
+          if (h < h1 && w < w1)
+            store_run(at, g, v);
+          else
+            store_run(at, g, zero_v);
+        }
     }
     __syncthreads();
   }
@@ -700,7 +732,7 @@ constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
-    const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, bool p_vec, int C_in,
+    const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, int p_vec, int C_in,
     int C_out, int Ho, int Wo, int64_t M, int64_t chunk, acc_t* ws) {
   constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
   __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
@@ -717,9 +749,9 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
       row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
-    // Both operands are channel-contiguous in global memory: 16-byte vectors of channels
-    // where they come in aligned runs (dy_vec, p_vec), transposed into k-contiguous rows.
-    using Vec = ChannelVec<scalar_t>;
+    // Both operands staged k-contiguous: dy in 16-byte runs of channels where they come
+    // aligned (dy_vec), p as the row kernels read it (p_vec: runs of channels or positions).
+    using Vec = Vec16<scalar_t>;
     constexpr int VW = Vec::n;
     if (dy_vec) {  // C_out is a multiple of VW: a vector is wholly in or out
       for (int e = threadIdx.x; e < ROWS / VW * KD; e += NT) {
@@ -737,29 +769,21 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
         As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
       }
     }
-    if (p_vec) {  // C_in is a multiple of VW
-      for (int e = threadIdx.x; e < TN / VW * KD; e += NT) {
-        const int c = e % (TN / VW) * VW, kb = e / (TN / VW);
-        const int64_t mb = k0 + kb, ci = ci0 + c;
+    {  // p: runs of g elements (16-byte runs of channels or positions), wholly in or out
+      const int g = p_vec == ELEMENTS ? 1 : VW;
+      for (int e = threadIdx.x; e < TN * KD / g; e += NT) {
+        const Run u(e, g, p_vec == CHANNELS || (p_vec == ELEMENTS && p_cfast), KD, TN);  // r: k (position), c: ci
+        const int64_t mb = k0 + u.r, ci = ci0 + u.c;
         const bool in = mb < k_end && ci < C_in;
-        Vec v;
-        if (in) v = load_act(reinterpret_cast<const Vec*>(p.ptr + row_off[kb] + ci));
+        scalar_t v[VW];
+        if (in) load_run(p.ptr + row_off[u.r] + ci * p.sc, g, v);
+#pragma unroll
         for (int j = 0; j < VW; ++j) {
-          const acc_t sub = in && shift != nullptr ? load_param(shift + ci + j) : acc_t(0);
-          Bs[(c + j) * ld + kb] = in ? static_cast<scalar_t>(static_cast<acc_t>(v.v[j]) - sub)
-                                     : static_cast<scalar_t>(acc_t(0));
+          if (j >= g) break;
+          const int kb = u.r + j * u.dr, c = u.c + j * u.dc;
+          const acc_t sub = in && shift != nullptr ? load_param(shift + ci0 + c) : acc_t(0);
+          Bs[c * ld + kb] = in ? static_cast<scalar_t>(static_cast<acc_t>(v[j]) - sub) : static_cast<scalar_t>(acc_t(0));
         }
-      }
-    } else {
-      for (int e = threadIdx.x; e < TN * KD; e += NT) {
-        const int c = p_cfast ? e % TN : e / KD, kb = p_cfast ? e / TN : e % KD;
-        const int64_t mb = k0 + kb, ci = ci0 + c;
-        scalar_t v = static_cast<scalar_t>(acc_t(0));
-        if (mb < k_end && ci < C_in) {
-          const acc_t sub = shift != nullptr ? load_param(shift + ci) : acc_t(0);
-          v = static_cast<scalar_t>(static_cast<acc_t>(load_act(p.ptr + row_off[kb] + ci * p.sc)) - sub);
-        }
-        Bs[c * ld + kb] = v;
       }
     }
     __syncthreads();
@@ -895,29 +919,6 @@ __device__ __forceinline__ int tile_offset(int c, int r, int col, int cc, int ro
 // Pixels a window of stride s starting at o * s covers along a side of n pixels.
 __device__ __forceinline__ int covered(int o, int s, int n) { return min(s, n - o * s); }
 
-// V consecutive channels of an activation at one pixel: one 16-byte vector (V = 16 / e,
-// the tensor's channels in aligned runs) or one element (V = 1).
-template <int V, typename scalar_t>
-__device__ __forceinline__ void load_channels(const scalar_t* p, scalar_t (&v)[V]) {
-  if constexpr (V == 1) {
-    v[0] = load_act(p);
-  } else {
-    static_assert(V == ChannelVec<scalar_t>::n, "a vector is 16 bytes");
-    const ChannelVec<scalar_t> in = load_act(reinterpret_cast<const ChannelVec<scalar_t>*>(p));
-    for (int j = 0; j < V; ++j) v[j] = in.v[j];
-  }
-}
-template <int V, typename scalar_t>
-__device__ __forceinline__ void store_channels(scalar_t* p, const scalar_t (&v)[V]) {
-  if constexpr (V == 1) {
-    store_act(p, v[0]);
-  } else {
-    ChannelVec<scalar_t> out;
-    for (int j = 0; j < V; ++j) out.v[j] = v[j];
-    store_act(reinterpret_cast<ChannelVec<scalar_t>*>(p), out);
-  }
-}
-
 // Each thread takes V consecutive channels of a tile position (a group): i.c below is the
 // group, its channels i.c * V + j; V > 1 only in channels_last, where they are adjacent in
 // the tile buffers too.
@@ -940,7 +941,7 @@ __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const
     if (c < g.C && w < w_end)
       for (int h = h0; h < min(h0 + s0, h_end); ++h) {
         scalar_t v[V];
-        load_channels<V>(x.ptr + x.offset(t.n, c, h, w), v);
+        load_run(x.ptr + x.offset(t.n, c, h, w), V, v);
         for (int j = 0; j < V; ++j) sum[j] += static_cast<acc_t>(v[j]);
       }
     for (int j = 0; j < V; ++j) columns[tile_offset(i.c * V + j, i.r, i.col, g.cc, g.S / s0, X, g.cfast)] = sum[j];
@@ -967,7 +968,7 @@ __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const
         mine[tile_offset(cj, i.r, i.col, g.cc, rows, cols, g.cfast)] = sum;
         o[j] = static_cast<scalar_t>(sum / count);
       }
-      if (in) store_channels<V>(out.t[l].ptr + out.t[l].offset(t.n, c, oh, ow), o);
+      if (in) store_run(out.t[l].ptr + out.t[l].offset(t.n, c, oh, ow), V, o);
     }
     __syncthreads();
   }
@@ -993,7 +994,7 @@ __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelAct
       const int c = t.c0 + i.c * V, oh = t.h0 / s + i.r, ow = t.w0 / s + i.col;
       const bool in = c < g.C && oh < g.ho[l] && ow < g.wo[l];
       scalar_t gv[V];
-      if (in) load_channels<V>(grad.t[l].ptr + grad.t[l].offset(t.n, c, oh, ow), gv);
+      if (in) load_run(grad.t[l].ptr + grad.t[l].offset(t.n, c, oh, ow), V, gv);
       const acc_t count = in ? static_cast<acc_t>(covered(oh, s, g.H) * covered(ow, s, g.W)) : acc_t(1);
       for (int j = 0; j < V; ++j) {
         const int cj = i.c * V + j;
@@ -1017,7 +1018,7 @@ __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelAct
     for (int j = 0; j < V; ++j)
       o[j] = static_cast<scalar_t>(
           vals[L.level[0] + tile_offset(i.c * V + j, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]);
-    store_channels<V>(grad_x.ptr + grad_x.offset(t.n, c, h, w), o);
+    store_run(grad_x.ptr + grad_x.offset(t.n, c, h, w), V, o);
   }
 }
 
@@ -1072,13 +1073,27 @@ void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the row kernels access an activation in 16-byte vectors of channels: its channel
-// stride is 1 and every other stride, C and the address are multiples of 16 bytes (a dense
+// Whether a kernel may access activation t in 16-byte runs of channels: its channel stride
+// is 1 and every other stride, C and the address are multiples of 16 bytes (a dense
 // channels_last tensor of C % (16 / e) == 0 from the allocator).
-bool channel_vectors(const at::Tensor& src, size_t elt) {
+bool channel_vectors(const at::Tensor& t, size_t elt) {
   const int64_t vw = 16 / (int64_t)elt;
-  return src.stride(1) == 1 && src.size(1) % vw == 0 && src.stride(0) % vw == 0 && src.stride(2) % vw == 0 &&
-         src.stride(3) % vw == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0;
+  return t.stride(1) == 1 && t.size(1) % vw == 0 && t.stride(0) % vw == 0 && t.stride(2) % vw == 0 &&
+         t.stride(3) % vw == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// How the row kernels access activation t: in runs of channels (channel_vectors), else, where
+// t is at the rows' resolution (positions_ok: a row is one of its pixels), in 16-byte runs of
+// positions: each channel plane dense (NCHW), its positions and every other stride and the
+// address multiples of 16 bytes, so a run of a tile's rows is one image's consecutive
+// pixels; else element by element.
+VecMode vec_mode(const at::Tensor& t, size_t elt, bool positions_ok) {
+  if (channel_vectors(t, elt)) return CHANNELS;
+  const int64_t vw = 16 / (int64_t)elt;
+  const bool planes = t.stride(3) == 1 && t.stride(2) == t.size(3) && t.size(2) * t.size(3) % vw == 0 &&
+                      t.stride(1) % vw == 0 && t.stride(0) % vw == 0 &&
+                      reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return positions_ok && planes ? POSITIONS : ELEMENTS;
 }
 
 // The fields of the row kernels' arguments that forward and backward set alike.
@@ -1090,7 +1105,7 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   k.src = act_view<const scalar_t>(src);
   k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
   k.src_cfast = src.stride(1) == 1 && src.size(1) > 1;
-  k.src_vec = channel_vectors(src, sizeof(scalar_t));
+  k.src_vec = vec_mode(src, sizeof(scalar_t), s == 1);
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
@@ -1157,13 +1172,13 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
     RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
                                                            training);
     k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
-    k.src_vec = k.src_vec && (stride == 1 || channel_vectors(pooled, sizeof(scalar_t)));
+    if (stride > 1 && vec_mode(pooled, sizeof(scalar_t), false) != k.src_vec) k.src_vec = ELEMENTS;
     k.gamma = ptr_or_null<acc_t>(a.bn_weight);
     k.beta = ptr_or_null<acc_t>(a.bn_bias);
     k.out = act_view<scalar_t>(out);
     k.residual = act_view<const scalar_t>(a.residual);
-    k.out_vec = channel_vectors(out, sizeof(scalar_t)) &&
-                (!a.residual.defined() || channel_vectors(a.residual, sizeof(scalar_t)));
+    k.out_vec = vec_mode(out, sizeof(scalar_t), true);
+    if (a.residual.defined() && vec_mode(a.residual, sizeof(scalar_t), true) != k.out_vec) k.out_vec = ELEMENTS;
 
     if (training) {
       at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
@@ -1177,7 +1192,7 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (stride > 1) {
         k.src = act_view<const scalar_t>(pooled);
-        k.src_vec = channel_vectors(pooled, sizeof(scalar_t));
+        k.src_vec = vec_mode(pooled, sizeof(scalar_t), true);
         k.s = 1; k.H = (int)Ho; k.W = (int)Wo;
         k.shift = nullptr;
         k.pooled = act_view<scalar_t>(at::Tensor());
@@ -1243,7 +1258,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.var = var_c.data_ptr<acc_t>();
     k.gamma = ptr_or_null<acc_t>(gamma);
     k.grad = act_view<const scalar_t>(grad_out);
-    k.grad_vec = channel_vectors(grad_out, sizeof(scalar_t));  // dy: [M][C_out] from the allocator
+    k.grad_vec = vec_mode(grad_out, sizeof(scalar_t), true);  // dy: [M][C_out] from the allocator
 
     // B1 + B2: dbeta = sum g, dgamma = sum g * yhat.
     at::Tensor part = at::empty({2, l.tiles, C_out}, aopt);
@@ -1260,7 +1275,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.dgamma = dgamma.data_ptr<acc_t>();
     k.dy = dy.data_ptr<scalar_t>();
     k.grad_x = act_view<scalar_t>(grad_x);
-    k.grad_x_vec = channel_vectors(grad_x, sizeof(scalar_t));
+    k.grad_x_vec = vec_mode(grad_x, sizeof(scalar_t), stride == 1);
     k.stride = (int)stride;
     k.in_h = (int)in_h; k.in_w = (int)in_w;
     launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
@@ -1275,7 +1290,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     const int64_t splits = cdiv(M, chunk);
     at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
-        k.dy, k.src, sub, k.src_cfast, C_out % ChannelVec<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
+        k.dy, k.src, sub, k.src_cfast, C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
         (int)Wo, M, chunk, ws.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
@@ -1384,7 +1399,7 @@ std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef
       vectors = vectors && channel_vectors(level_out[l], sizeof(scalar_t));
     }
     if (vectors)
-      launch_pool_many<scalar_t, acc_t, ChannelVec<scalar_t>::n>(g, N, x, out, device);
+      launch_pool_many<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, x, out, device);
     else
       launch_pool_many<scalar_t, acc_t, 1>(g, N, x, out, device);
   });
@@ -1413,7 +1428,7 @@ at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strid
       vectors = vectors && channel_vectors(level[l], sizeof(scalar_t));
     }
     if (vectors)
-      launch_unpool_sum<scalar_t, acc_t, ChannelVec<scalar_t>::n>(g, N, in, grad_x, device);
+      launch_unpool_sum<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, in, grad_x, device);
     else
       launch_unpool_sum<scalar_t, acc_t, 1>(g, N, in, grad_x, device);
   });
