@@ -84,10 +84,9 @@ inline std::atomic<int64_t> emu_misaligned_bytes{0};
 inline void emu_count(int kind, const void* address, int64_t bytes) {
   emu_thread_bytes[kind] += bytes;
   const auto a = reinterpret_cast<uintptr_t>(address);
-  if (a % static_cast<uintptr_t>(bytes) != 0 && emu_misaligned.load() == 0) {
-    emu_misaligned_bytes = bytes;
-    emu_misaligned = a;
-  }
+  uintptr_t none = 0;
+  if (a % static_cast<uintptr_t>(bytes) != 0 && emu_misaligned.compare_exchange_strong(none, a))
+    emu_misaligned_bytes = bytes;  // the first misaligned access found: its address and size
   if (a >= emu_watch_begin && a < emu_watch_end) emu_thread_watched[kind % 2] += bytes;  // kinds: read, write, ...
   if (kind < 2 && bytes >= 16) emu_thread_wide[kind] += bytes;  // ACT_READ, ACT_WRITE
 }

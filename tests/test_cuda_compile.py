@@ -114,9 +114,11 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
             kind = "bf16" if "BFloat16" in entry else "f16"
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in body, f"no tensor-core mma in {entry}"
         if "rows_kernel" in entry or "dw_partial_kernel" in entry:
-            # The vector paths: whole 16-byte vectors of channels from global memory.
+            # The run paths: 16-byte vectors (of channels or positions) from global memory.
             wide = r"(v4\.(u32|b32|f32)|v2\.(f64|u64|b64))"
             assert re.search(r"ld\.global(\.nc)?\." + wide, body), f"no 16-byte global load in {entry}"
+            if "rows_kernel" in entry:  # the input tile stored to shared memory in vectors too
+                assert re.search(r"st\.shared\." + wide, body), f"no 16-byte shared store in {entry}"
             # FWD_APPLY, BWD_DX (demangled or not): out, dy and grad_x stored in vectors
             if "rows_kernel" in entry and re.search(r"(, [13]>|Li[13]EE)", entry):
                 assert re.search(r"st\.global\." + wide, body), f"no 16-byte global store in {entry}"

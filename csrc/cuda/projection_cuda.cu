@@ -64,8 +64,10 @@
 // out, grad_out (staged through shared memory in the statistics pass), dy (runs of
 // channels only: it is [M][C_out]) and grad_x, the dW kernel's dy and saved, and the
 // pooling kernels PM and PU (runs of channels: x, the pooled levels, their gradients and
-// grad_x). Elsewhere element-wise along the contiguous dimension (coalesced): x read
-// through its windows and grad_x written through them in NCHW at stride > 1.
+// grad_x). Elsewhere element-wise along the contiguous dimension (coalesced): in NCHW, x read
+// through its windows, `pooled` written and grad_x written through the windows at stride
+// > 1, and every tensor whose planes' positions do not come in 16-byte runs (7x7 or 14x14
+// in bf16); the pooling kernels in NCHW.
 // Not done yet: cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
@@ -98,6 +100,7 @@ constexpr int NT = 256;          // threads of a tile block: 8 warps
 constexpr int TN = 64;           // GEMM tile columns (channels)
 constexpr int KC = 64;           // k depth of one staged chunk of the weight operand
 constexpr int KD = 32;           // positions per chunk of the dW kernel (its static shared memory stays under 48 KB in fp64)
+static_assert(KD % 8 == 0, "a dW chunk holds whole 16-byte runs of positions");
 constexpr int KPAD = 8;          // shared rows padded by 8 elements: conflict-free fragment loads
 constexpr int PITCH = TN + 1;    // row of the acc_t result tile
 constexpr int FIN_THREADS = 256;
@@ -371,6 +374,25 @@ __device__ __forceinline__ void store_run(scalar_t* p, int g, const scalar_t (&v
   store_act(p, v[0]);
 }
 
+// v[0, g) into shared memory at p, p + step, ...: one 16-byte store where the run is
+// contiguous there (step 1, g a vector: p is then 16-byte aligned, the tile buffers' offsets,
+// pitches and run starts being multiples of 16 bytes), else element by element.
+template <typename scalar_t, int N>
+__device__ __forceinline__ void store_shared_run(scalar_t* p, int step, int g, const scalar_t (&v)[N]) {
+  if constexpr (N == Vec16<scalar_t>::n) {
+    if (g > 1 && step == 1) {
+      Vec16<scalar_t> out;
+#pragma unroll
+      for (int j = 0; j < N; ++j) out.v[j] = v[j];
+      *reinterpret_cast<Vec16<scalar_t>*>(p) = out;
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (j < g) p[j * step] = v[j];
+}
+
 // A tile loop's item: a run of g elements from (r, c), along the channels (along_c) or the
 // rows; consecutive threads take consecutive runs along the contiguous dimension.
 struct Run {
@@ -424,9 +446,7 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
         if (j < g) v[j] = static_cast<scalar_t>(a.s == 1 ? sum[j] : sum[j] / count);
       if (a.pooled.ptr != nullptr) store_run(a.pooled.ptr + a.pooled.offset(rn[u.r], u.c, rh[u.r], rw[u.r]), g, v);
     }
-#pragma unroll
-    for (int j = 0; j < VW; ++j)
-      if (j < g) Ps[(u.r + j * u.dr) * L.ldp + u.c + j * u.dc] = v[j];
+    store_shared_run(Ps + u.r * L.ldp + u.c, u.dr * L.ldp + u.dc, g, v);
   }
 }
 
@@ -505,8 +525,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
 #pragma unroll
           for (int j = 0; j < VW; ++j) gv[j] = static_cast<scalar_t>(acc_t(0));
           if (u.r < rows && co < a.C_out) load_run(a.grad.ptr + a.grad.offset(rn[u.r], co, rh[u.r], rw[u.r]), VW, gv);
-#pragma unroll
-          for (int j = 0; j < VW; ++j) Bs[(u.r + j * u.dr) * TN + u.c + j * u.dc] = gv[j];
+          store_shared_run(Bs + u.r * TN + u.c, u.dr * TN + u.dc, VW, gv);
         }
         __syncthreads();
       }
@@ -585,9 +604,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
                 if (j < g) store_act(a.dy + (m0 + u.r + j * u.dr) * a.C_out + co + j * u.dc, d[j]);
             }
           }
-#pragma unroll
-          for (int j = 0; j < VW; ++j)
-            if (j < g) Ds[(u.r + j * u.dr) * L.ldd + co + j * u.dc] = d[j];  // Ds spans every channel
+          store_shared_run(Ds + u.r * L.ldd + co, u.dr * L.ldd + u.dc, g, d);  // Ds spans every channel
         }
       }
     }
@@ -1061,6 +1078,8 @@ RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size,
   while (tm > 16 && (cdiv(M, tm) < 4 * (int64_t)sms || bytes(tm) > smem_sm / 2 - 1024)) tm /= 2;
   TORCH_CHECK(bytes(tm) <= smem_max, "projection (cuda): C_in=", C_in, ", C_out=", C_out,
               " need ", bytes(tm), " bytes of shared memory per block; the device has ", smem_max);
+  // Runs of up to 8 positions (16 bytes) never cross a tile: tm is 16, 32 or 64.
+  TORCH_CHECK(tm % 8 == 0, "projection (cuda): internal error: row tile of ", tm, " positions");
   return {tm, bytes(tm), cdiv(M, tm)};
 }
 
