@@ -67,8 +67,4 @@ inline void check_pool_source_backward(at::TensorList grad, at::IntArrayRef stri
   }
 }
 
-inline at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 }  // namespace hires

@@ -29,6 +29,10 @@ inline at::MemoryFormat memory_format_of(const at::Tensor& t) {
   return s[1] < s[3] && s[3] <= s[2] && s[2] <= s[0] ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // The layout of x, read off what the forward saved for backward (x itself, or the pooled
 // input it allocated in x's layout). A pooled input of 1x1 positions is dense in both
 // layouts; its strides still tell which one it was allocated in.

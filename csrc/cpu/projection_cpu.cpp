@@ -39,8 +39,6 @@
 
 namespace {
 
-at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
-
 // Geometry shared by the passes: images of C channels, H x W input, Ho x Wo pooled;
 // tiles of `rows` pooled rows (units u = n * Ho + oh).
 struct Tiling {
@@ -342,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& var) {
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = weight.size(0);
   const int64_t Ho = pooled_size(H, s, ceil_mode), Wo = pooled_size(W, s, ceil_mode);
-  const auto fmt = fmt_of(CL);
+  const auto fmt = hires::format_of(CL);
   const auto aopt = weight.options();
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
   at::Tensor pooled = s > 1 ? at::empty({N, C_in, Ho, Wo}, x.options().memory_format(fmt)) : at::empty({0}, x.options());
@@ -763,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       for (int64_t k = 0; k < C_in; ++k) Wd[c * C_in + k] = wp[c * C_in + k] * scale[c];
   }
 
-  at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(fmt_of(CL)));
+  at::Tensor grad_x = at::empty({N, C_in, H, W}, g.options().memory_format(hires::format_of(CL)));
   const Tiling tl(N, Ho, Wo);
   const int64_t lde = CL ? C_out : tl.tmax, ldp = CL ? C_in : tl.tmax;
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
