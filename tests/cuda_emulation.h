@@ -4,7 +4,9 @@
 // std::thread per CUDA thread, so __syncthreads is a real barrier among them and
 // __shared__ memory (a static) is shared by exactly the threads of one block.
 // Outputs and scratch come from emu_empty, filled with NaN: a value a kernel fails to
-// write shows up in the comparison with the reference.
+// write shows up in the comparison with the reference. A launch a GPU would refuse or
+// fault on fails here too: a misaligned global access, a block over 1024 threads, more
+// than 48 KiB of dynamic shared memory without the kernel's limit raised.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -158,18 +161,40 @@ inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   return 0;
 }
 constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
+// A GPU refuses a launch with more than 48 KiB of dynamic shared memory unless the kernel's
+// limit was raised to it first: each kernel's raised limit, checked by emu_launch.
+constexpr size_t emu_default_dynamic_smem = 48 * 1024;
+inline std::map<const void*, int> emu_dynamic_smem_limit;
+inline std::mutex emu_dynamic_smem_mutex;
+inline bool emu_honour_attributes = true;  // false: cudaFuncSetAttribute is lost (tests the check)
 template <typename F>
-int cudaFuncSetAttribute(F*, int, int) {
+const void* emu_kernel_id(F* kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+template <typename F>
+int cudaFuncSetAttribute(F* kernel, int attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && emu_honour_attributes) {
+    const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
+    emu_dynamic_smem_limit[emu_kernel_id(kernel)] = value;
+  }
   return 0;
 }
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
-inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name,
+inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name, const void* kernel_id,
                        const std::function<void()>& kernel) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
               "x", block.z, " is not a 1-D block of at most 1024 threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid y/z over 65535");
+  if (dynamic_smem > emu_default_dynamic_smem) {
+    const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
+    const auto limit = emu_dynamic_smem_limit.find(kernel_id);
+    TORCH_CHECK(limit != emu_dynamic_smem_limit.end() && static_cast<size_t>(limit->second) >= dynamic_smem,
+                "emulated launch ", name, ": ", dynamic_smem, " bytes of dynamic shared memory, over the default ",
+                emu_default_dynamic_smem, ", but the kernel's limit was not raised to it (cudaFuncSetAttribute): a "
+                "GPU refuses the launch");
+  }
   blockDim = block;
   gridDim = grid;
   std::barrier<> block_barrier(block.x);
@@ -245,12 +270,18 @@ inline void emu_watch(const at::Tensor& t) {
 
 inline void emu_set_dry_run(bool on) { emu_dry_run = on; }
 inline void emu_set_sm_count(int64_t sms) { emu_sm_count = static_cast<int>(sms); }
+inline void emu_set_honour_attributes(bool on) {
+  const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
+  emu_honour_attributes = on;
+  emu_dynamic_smem_limit.clear();
+}
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
   m.def("watch", &emu_watch);
   m.def("set_dry_run", &emu_set_dry_run);
   m.def("set_sm_count", &emu_set_sm_count);
+  m.def("set_honour_attributes", &emu_set_honour_attributes);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -53,7 +53,8 @@ def _split_top_level(text: str) -> list[str]:
 
 def emulated_source(cu: str) -> str:
     """The .cu source as C++ for the CPU: CUDA headers give way to the emulation,
-    `kernel<<<grid, block, shm, stream>>>(args);` to `emu_launch(grid, block, shm, "kernel", [&] { kernel(args); });`,
+    `kernel<<<grid, block, shm, stream>>>(args);` to
+    `emu_launch(grid, block, shm, "kernel", emu_kernel_id(kernel), [&] { kernel(args); });`,
     device checks to CPU ones, and the CUDA dispatch registration to an op library of its own."""
     cu = re.sub(r"#include <(cuda_runtime\.h|c10/cuda/[^>]+)>\n", "", cu)
     cu = cu.replace("#include <torch/library.h>", '#include "cuda_emulation.h"', 1)
@@ -69,7 +70,8 @@ def emulated_source(cu: str) -> str:
         name = kernel.split("<")[0].strip()
         args = cu[launch.end():close]
         out.append(cu[pos:kernel_at])
-        out.append(f'emu_launch(dim3({grid}), dim3({block}), {shm}, "{name}", [&] {{ {kernel}({args}); }});')
+        out.append(f'emu_launch(dim3({grid}), dim3({block}), {shm}, "{name}", emu_kernel_id({kernel}), '
+                   f'[&] {{ {kernel}({args}); }});')
         pos = close + 2
     cu = "".join(out) + cu[pos:]
     assert REGISTRATION in cu, "the CUDA kernels are no longer registered as expected"

@@ -193,6 +193,21 @@ def test_tile_kernel_grids_fill_two_waves(emulated_ops, shape):
         pytest.xfail("; ".join(short))
 
 
+def test_launches_over_48_kib_raise_their_kernels_limit(emulated_ops):
+    """A GPU refuses a launch with more than 48 KiB of dynamic shared memory unless the
+    kernel's limit was raised to it first (cudaFuncSetAttribute); the emulation checks every
+    launch for that. The SPEC shapes at full size need more, and pass; with the raise lost,
+    the same launch fails."""
+    big = [r for shape in SPEC_SHAPES for r in full_size_launches(emulated_ops, shape) if r["smem"] > 48 * 1024]
+    assert big, "no launch needs more than 48 KiB: the check is not exercised"
+    emulated_ops.set_honour_attributes(False)
+    try:
+        with pytest.raises(RuntimeError, match="limit was not raised"):
+            full_size_launches(emulated_ops, SPEC_SHAPES[0])
+    finally:
+        emulated_ops.set_honour_attributes(True)
+
+
 def tables(ops) -> str:
     out = ["| C_in@H -> C_out@H' | train fwd+bwd B/sample | floor | ratio | eval fwd B/sample | floor | ratio "
            "| param B/sample (train) | fixed B (train, N=1) |",

@@ -103,8 +103,10 @@ class HiResNet(nn.Module):
         residual fused. Ablated projections are skipped; blocks capturing their addends
         compute theirs themselves, and so does the block of a source's only projection
         (its op pools x itself)."""
-        stages = [i for i in self._targets.get(k, ())
-                  if not entries[i].capture_addends and f"P{k}" not in entries[i].ablate]
+        stages = self._targets.get(k, ())
+        if len(stages) < 2:
+            return
+        stages = [i for i in stages if not entries[i].capture_addends and f"P{k}" not in entries[i].ablate]
         projections = [entries[i].projections[entries[i].projection_sources.index(k)] for i in stages]
         if len(stages) > 1 and all(p.fused for p in projections):
             for i, p in zip(stages, pool_source(x, [p.stride for p in projections], ceil_mode=True)):
