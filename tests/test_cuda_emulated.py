@@ -338,6 +338,33 @@ def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, 
         assert torch.equal(a, b)
 
 
+# NCHW (N, C_in, C_out, H, W, stride, ceil, training) whose windows tile 16-byte runs of x's
+# pixel rows (W = W' s, W' a multiple of 16 / (e s); where s does not divide 16 / e, as
+# float64 at s = 4, the runs are single elements): a partial last row of windows (ceil),
+# trailing pixel rows that get no window (floor), strides 2, 4 and 8, train and eval.
+WINDOW_CASES = [(2, 5, 6, 7, 8, 2, True, True), (2, 5, 6, 9, 8, 2, False, True), (1, 3, 4, 8, 16, 4, False, False),
+                (2, 4, 5, 17, 16, 8, True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "{}x{}x{}x{}->{}-s{}{}-{}".format(
+    c[0], c[1], c[3], c[4], c[2], c[5], "-ceil" if c[6] else "", "train" if c[7] else "eval"))
+def test_emulated_window_runs_equal_element_loads(emulated_ops, dtype, case):
+    """NCHW at stride > 1: x is read and grad_x written in 16-byte runs along pixel rows,
+    each run covering whole windows; the same values one element off alignment go element by
+    element (grad_x, which the op allocates, takes the runs both times). Both match the
+    oracle, and bitwise each other: every window is summed in the same order."""
+    n, c_in, c_out, h, w, s, ceil, training = case
+    problem = Problem(n, c_in, c_out, h, w, s, ceil=ceil, training=training, how="nchw", dtype=dtype, seed=7)
+    check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    vectors = problem.run_kernels(emulated_ops)
+    problem.x, problem.residual, problem.grad_out = (misaligned(t) for t in (problem.x, problem.residual,
+                                                                               problem.grad_out))
+    elements = problem.run_kernels(emulated_ops)
+    for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):
+        assert torch.equal(a, b)
+
+
 # --- every projection of one source (hires::pool_source) ------------------------------
 
 

@@ -137,19 +137,20 @@ def test_row_kernels_move_activations_in_16_byte_vectors(emulated_ops, shape):
 @pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
 def test_row_kernels_move_nchw_activations_in_16_byte_runs_of_positions(emulated_ops, shape):
     """bf16 NCHW, 16 positions per channel plane at the pooled resolution: the passes over
-    `pooled` move it, the residual, out and grad_out in 16-byte runs of positions, and the
-    dW kernel reads dy and `pooled` in vectors. Element-wise: x (read through its pooling
-    windows), dy's stores (dy is [M][C_out]) and grad_x (written through the windows)."""
+    `pooled` move it, the residual, out and grad_out in 16-byte runs of positions, x is read
+    and grad_x written in 16-byte runs along its pixel rows (each covering 8 / s windows),
+    and the dW kernel reads dy and `pooled` in vectors. Element-wise: `pooled`'s stores
+    (runs of 16 / s bytes) and dy's (dy is [M][C_out])."""
     c_in, h, c_out, ho, _ = shape
     s = h // ho
     fwd, bwd = run(emulated_ops, c_in, 4 * s, c_out, 4, 1, True, how="nchw")
-    p, out = c_in * 16 * ELT, c_out * 16 * ELT
+    x, p, out = c_in * (4 * s) ** 2 * ELT, c_in * 16 * ELT, c_out * 16 * ELT
     f1, f3 = [r for r in fwd if r["name"] == "rows_kernel"]
     b1, b3 = [r for r in bwd if r["name"] == "rows_kernel"]
-    assert f1["wide_read"] == 0
+    assert f1["act_read"] == f1["wide_read"] == x and f1["wide_write"] == 0
     assert f3["act_read"] == f3["wide_read"] == p + out and f3["act_write"] == f3["wide_write"] == out
     assert b1["act_read"] == b1["wide_read"] == p + out
-    assert b3["act_read"] == b3["wide_read"] == p + out and b3["wide_write"] == 0
+    assert b3["act_read"] == b3["wide_read"] == p + out and b3["act_write"] == x + out and b3["wide_write"] == x
     dw = next(r for r in bwd if r["name"] == "dw_partial_kernel")
     assert dw["act_read"] == dw["wide_read"] > 0
 

@@ -64,10 +64,13 @@
 // out, grad_out (staged through shared memory in the statistics pass), dy (runs of
 // channels only: it is [M][C_out]) and grad_x, the dW kernel's dy and saved, and the
 // pooling kernels PM and PU (runs of channels: x, the pooled levels, their gradients and
-// grad_x). Elsewhere element-wise along the contiguous dimension (coalesced): in NCHW, x read
-// through its windows, `pooled` written and grad_x written through the windows at stride
-// > 1, and every tensor whose planes' positions do not come in 16-byte runs (7x7 or 14x14
-// in bf16); the pooling kernels in NCHW.
+// grad_x). In NCHW at stride s > 1 the row kernels read x and write grad_x in runs along a
+// pixel row that cover whole windows (WINDOWS: s divides 16 / e, W = Wo s and Wo a multiple
+// of 16 / (e s): every SPEC shape in bf16).
+// Elsewhere element-wise along the contiguous dimension (coalesced): in NCHW, `pooled`
+// written at stride > 1 (runs of 16 / s bytes), x and grad_x where the windows do not tile
+// 16-byte runs, and every tensor whose planes' positions do not come in 16-byte runs (7x7
+// or 14x14 in bf16); the pooling kernels in NCHW.
 // Not done yet: cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
@@ -343,8 +346,10 @@ struct alignas(16) Vec16 {
 
 // How a kernel accesses an activation (vec_mode on the host picks it): element by element,
 // or in 16-byte runs of consecutive channels (channels_last) or of consecutive positions of
-// one channel (NCHW, at the pooled resolution).
-enum VecMode { ELEMENTS = 0, CHANNELS = 1, POSITIONS = 2 };
+// one channel (NCHW, at the pooled resolution), or (WINDOWS: NCHW x and grad_x at stride
+// s > 1, window_vectors) in 16-byte runs along a row of pixels that cover 16 / (e s) whole
+// windows, one run per pixel row of the windows.
+enum VecMode { ELEMENTS = 0, CHANNELS = 1, POSITIONS = 2, WINDOWS = 3 };
 
 // g consecutive elements at p into v[0, g): one 16-byte vector (g = Vec16::n, p aligned) or
 // one element (g = 1); and back.
@@ -393,6 +398,42 @@ __device__ __forceinline__ void store_shared_run(scalar_t* p, int step, int g, c
     if (j < g) p[j * step] = v[j];
 }
 
+// sum[j] += in[j S + w] - sub[j] for w < S: one 16-byte run of a pixel row covers VW / S
+// windows; per window the element path's terms in its order (w ascending within a row).
+template <int S, typename scalar_t, typename acc_t, int VW>
+__device__ __forceinline__ void add_window_rows(const scalar_t (&in)[VW], const acc_t (&sub)[VW], acc_t (&sum)[VW]) {
+  if constexpr (S <= VW) {
+#pragma unroll
+    for (int j = 0; j < VW / S; ++j)
+#pragma unroll
+      for (int w = 0; w < S; ++w) sum[j] += static_cast<acc_t>(in[j * S + w]) - sub[j];
+  }
+}
+template <typename scalar_t, typename acc_t, int VW>
+__device__ __forceinline__ void add_window_rows(int s, const scalar_t (&in)[VW], const acc_t (&sub)[VW],
+                                                acc_t (&sum)[VW]) {
+  if (s == 2) add_window_rows<2>(in, sub, sum);
+  else if (s == 4) add_window_rows<4>(in, sub, sum);
+  else add_window_rows<8>(in, sub, sum);
+}
+
+// out[j S + w] = v[j] for w < S: a pixel row of VW / S windows, each with its value.
+template <int S, typename scalar_t, int VW>
+__device__ __forceinline__ void spread_window_rows(const scalar_t (&v)[VW], scalar_t (&out)[VW]) {
+  if constexpr (S <= VW) {
+#pragma unroll
+    for (int j = 0; j < VW / S; ++j)
+#pragma unroll
+      for (int w = 0; w < S; ++w) out[j * S + w] = v[j];
+  }
+}
+template <typename scalar_t, int VW>
+__device__ __forceinline__ void spread_window_rows(int s, const scalar_t (&v)[VW], scalar_t (&out)[VW]) {
+  if (s == 2) spread_window_rows<2>(v, out);
+  else if (s == 4) spread_window_rows<4>(v, out);
+  else spread_window_rows<8>(v, out);
+}
+
 // A tile loop's item: a run of g elements from (r, c), along the channels (along_c) or the
 // rows; consecutive threads take consecutive runs along the contiguous dimension.
 struct Run {
@@ -409,14 +450,16 @@ struct Run {
 // Ps[r][k] = p(m0 + r, k) for r < rows, k < C (0 elsewhere up to kin): the window mean of
 // (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Each thread
 // takes a run of g elements (src_vec: 16-byte runs of channels, or at s = 1 of positions;
-// else g = 1), consecutive threads along the contiguous dimension; per element the same
-// sums in the same order whatever the run. A run is wholly in or out of range: C_in, or an
-// image's positions, are multiples of g.
+// WINDOWS: the VW / s positions whose windows one 16-byte run of a pixel row covers; else
+// g = 1), consecutive threads along the contiguous dimension; per element the same sums in
+// the same order whatever the run. A run is wholly in or out of range: C_in, or an image's
+// positions, are multiples of g.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, scalar_t* Ps, const int* rn,
                           const int* rh, const int* rw, int rows) {
   constexpr int VW = Vec16<scalar_t>::n;
-  const int kin = L.kin, g = a.src_vec == ELEMENTS ? 1 : VW;
+  const bool windows = a.src_vec == WINDOWS;
+  const int kin = L.kin, g = a.src_vec == ELEMENTS ? 1 : windows ? VW / a.s : VW;
   const bool along_k = a.src_vec == CHANNELS || (a.src_vec == ELEMENTS && a.src_cfast);
   for (int e = threadIdx.x; e < a.tm * kin / g; e += NT) {
     const Run u(e, g, along_k, a.tm, kin);
@@ -432,19 +475,35 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
         sum[j] = acc_t(0);
         sub[j] = j < g && a.shift != nullptr ? load_param(a.shift + u.c + j * u.dc) : acc_t(0);
       }
-      for (int h = h0; h < h1; ++h)
-        for (int w = w0; w < w1; ++w) {
+      if (windows) {  // the run's windows are whole: w1 = w0 + s for each
+        for (int h = h0; h < h1; ++h) {
           scalar_t in[VW];
-          load_run(a.src.ptr + a.src.offset(rn[u.r], u.c, h, w), g, in);
-#pragma unroll
-          for (int j = 0; j < VW; ++j)
-            if (j < g) sum[j] += static_cast<acc_t>(in[j]) - sub[j];
+          load_run(a.src.ptr + a.src.offset(rn[u.r], u.c, h, w0), VW, in);
+          add_window_rows(a.s, in, sub, sum);
         }
+      } else {
+        for (int h = h0; h < h1; ++h)
+          for (int w = w0; w < w1; ++w) {
+            scalar_t in[VW];
+            load_run(a.src.ptr + a.src.offset(rn[u.r], u.c, h, w), g, in);
+#pragma unroll
+            for (int j = 0; j < VW; ++j)
+              if (j < g) sum[j] += static_cast<acc_t>(in[j]) - sub[j];
+          }
+      }
       const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
 #pragma unroll
       for (int j = 0; j < VW; ++j)
         if (j < g) v[j] = static_cast<scalar_t>(a.s == 1 ? sum[j] : sum[j] / count);
-      if (a.pooled.ptr != nullptr) store_run(a.pooled.ptr + a.pooled.offset(rn[u.r], u.c, rh[u.r], rw[u.r]), g, v);
+      if (a.pooled.ptr != nullptr) {
+        if (windows) {  // `pooled` is s^2 smaller: its runs of VW / s positions element by element
+#pragma unroll
+          for (int j = 0; j < VW; ++j)
+            if (j < g) store_act(a.pooled.ptr + a.pooled.offset(rn[u.r], u.c, rh[u.r], rw[u.r] + j), v[j]);
+        } else {
+          store_run(a.pooled.ptr + a.pooled.offset(rn[u.r], u.c, rh[u.r], rw[u.r]), g, v);
+        }
+      }
     }
     store_shared_run(Ps + u.r * L.ldp + u.c, u.dr * L.ldp + u.dc, g, v);
   }
@@ -618,16 +677,19 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
     gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
     // Runs of g elements where grad_x takes them (16-byte runs of channels, or at stride 1
-    // of positions; else g = 1).
+    // of positions, or WINDOWS: the VW / s positions whose windows one 16-byte run of a
+    // pixel row covers; else g = 1).
     constexpr int VW = Vec16<scalar_t>::n;
-    const int g = a.grad_x_vec == ELEMENTS ? 1 : VW;
+    const bool windows = a.grad_x_vec == WINDOWS;
+    const int g = a.grad_x_vec == ELEMENTS ? 1 : windows ? VW / a.stride : VW;
     for (int e = threadIdx.x; e < a.tm * TN / g; e += NT) {
       const Run u(e, g, a.grad_x_vec == CHANNELS || (a.grad_x_vec == ELEMENTS && a.act_cfast), a.tm, TN);
       const int r = u.r;
       const int64_t ci = ci0 + u.c;
       if (r >= rows || ci >= a.C_in) continue;  // a run is wholly in or out
-      // The run's windows: one (a run of channels) or, at stride 1, one pixel each (a run of
-      // positions, stored from its first).
+      // The run's windows: one (a run of channels), or at stride 1 one pixel each (a run of
+      // positions, stored from its first), or WINDOWS whole windows side by side in one row
+      // of windows (the same h range and count for each, stored from the first one's w0).
       const int ho = rh[r], wo = rw[r], s = a.stride;
       const int h0 = ho * s, w0 = wo * s;
       const int h1 = min(h0 + s, a.in_h), w1 = min(w0 + s, a.in_w);
@@ -641,14 +703,26 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
                      : static_cast<scalar_t>(acc_t(0));
         zero_v[j] = static_cast<scalar_t>(acc_t(0));
       }
-      for (int h = h0; h < h_own; ++h)
-        for (int w = w0; w < w_own; ++w) {
-          scalar_t* at = a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w);
-          if (h < h1 && w < w1)
-            store_run(at, g, v);
+      if (windows) {
+        scalar_t row[VW];
+        spread_window_rows(s, v, row);
+        for (int h = h0; h < h_own; ++h) {
+          scalar_t* at = a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w0);
+          if (h < h1)
+            store_run(at, VW, row);
           else
-            store_run(at, g, zero_v);
+            store_run(at, VW, zero_v);
         }
+      } else {
+        for (int h = h0; h < h_own; ++h)
+          for (int w = w0; w < w_own; ++w) {
+            scalar_t* at = a.grad_x.ptr + a.grad_x.offset(rn[r], ci, h, w);
+            if (h < h1 && w < w1)
+              store_run(at, g, v);
+            else
+              store_run(at, g, zero_v);
+          }
+      }
     }
     __syncthreads();
   }
@@ -1115,6 +1189,17 @@ VecMode vec_mode(const at::Tensor& t, size_t elt, bool positions_ok) {
   return positions_ok && planes ? POSITIONS : ELEMENTS;
 }
 
+// Whether the row kernels may read x (or write grad_x) at stride s > 1 in WINDOWS runs: NCHW
+// rows of pixels with s dividing a 16-byte run, the windows tiling each row exactly (W = Wo s,
+// no partial window across a run) in runs of 16 / (e s) windows within one row of windows
+// (Wo a multiple), and the rows, planes and address at multiples of 16 bytes.
+bool window_vectors(const at::Tensor& t, int64_t s, int64_t Wo, size_t elt) {
+  const int64_t vw = 16 / (int64_t)elt;
+  return s > 1 && vw % s == 0 && t.stride(3) == 1 && t.size(3) == Wo * s && Wo % (vw / s) == 0 &&
+         t.stride(2) % vw == 0 && t.stride(1) % vw == 0 && t.stride(0) % vw == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // The fields of the row kernels' arguments that forward and backward set alike.
 template <typename scalar_t, typename acc_t>
 RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t* shift, const at::Tensor& weight,
@@ -1125,6 +1210,7 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
   k.src_cfast = src.stride(1) == 1 && src.size(1) > 1;
   k.src_vec = vec_mode(src, sizeof(scalar_t), s == 1);
+  if (k.src_vec == ELEMENTS && window_vectors(src, s, Wo, sizeof(scalar_t))) k.src_vec = WINDOWS;
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
@@ -1191,7 +1277,9 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
     RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
                                                            training);
     k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
-    if (stride > 1 && vec_mode(pooled, sizeof(scalar_t), false) != k.src_vec) k.src_vec = ELEMENTS;
+    // Runs of channels store `pooled` in the same runs; WINDOWS runs store it element-wise.
+    if (stride > 1 && k.src_vec == CHANNELS && vec_mode(pooled, sizeof(scalar_t), false) != CHANNELS)
+      k.src_vec = ELEMENTS;
     k.gamma = ptr_or_null<acc_t>(a.bn_weight);
     k.beta = ptr_or_null<acc_t>(a.bn_bias);
     k.out = act_view<scalar_t>(out);
@@ -1295,6 +1383,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.dy = dy.data_ptr<scalar_t>();
     k.grad_x = act_view<scalar_t>(grad_x);
     k.grad_x_vec = vec_mode(grad_x, sizeof(scalar_t), stride == 1);
+    if (k.grad_x_vec == ELEMENTS && window_vectors(grad_x, stride, Wo, sizeof(scalar_t))) k.grad_x_vec = WINDOWS;
     k.stride = (int)stride;
     k.in_h = (int)in_h; k.in_w = (int)in_w;
     launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
