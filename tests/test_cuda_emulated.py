@@ -343,7 +343,13 @@ def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, 
 # float64 at s = 4, the runs are single elements): a partial last row of windows (ceil),
 # trailing pixel rows that get no window (floor), strides 2, 4 and 8, train and eval.
 WINDOW_CASES = [(2, 5, 6, 7, 8, 2, True, True), (2, 5, 6, 9, 8, 2, False, True), (1, 3, 4, 8, 16, 4, False, False),
-                (2, 4, 5, 17, 16, 8, True, True)]
+                (2, 70, 5, 18, 16, 4, False, True), (2, 6, 7, 15, 16, 4, True, True), (2, 4, 5, 17, 16, 8, True, True)]
+
+
+def row_kernel_wide_bytes(ops) -> list[tuple[int, int]]:
+    """(16-byte bytes read, written) of each row-kernel launch since the last call."""
+    rows = [line.split() for line in ops.traffic().splitlines()]
+    return [(int(r[10]), int(r[11])) for r in rows if r[0] == "rows_kernel"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -357,10 +363,21 @@ def test_emulated_window_runs_equal_element_loads(emulated_ops, dtype, case):
     n, c_in, c_out, h, w, s, ceil, training = case
     problem = Problem(n, c_in, c_out, h, w, s, ceil=ceil, training=training, how="nchw", dtype=dtype, seed=7)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    windows = (16 // dtype.itemsize) % s == 0
+    ho = -(-h // s) if ceil else h // s
+    x_read, x_bytes = n * c_in * min(h, ho * s) * w * dtype.itemsize, problem.x.numel() * dtype.itemsize
+    emulated_ops.traffic()
     vectors = problem.run_kernels(emulated_ops)
+    wide = row_kernel_wide_bytes(emulated_ops)
+    # Training's first pass reads the pixels the windows cover (eval's one pass the residual
+    # too); the backward's dx pass (the last row kernel) writes all of grad_x (floor mode's
+    # trailing rows too).
+    assert (wide[-1][1] >= x_bytes and (wide[0][0] == x_read or not training)) == windows
     problem.x, problem.residual, problem.grad_out = (misaligned(t) for t in (problem.x, problem.residual,
                                                                                problem.grad_out))
+    assert problem.x.data_ptr() % 16 != 0 and problem.x.is_contiguous()
     elements = problem.run_kernels(emulated_ops)
+    assert row_kernel_wide_bytes(emulated_ops)[0][0] == 0
     for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):
         assert torch.equal(a, b)
 

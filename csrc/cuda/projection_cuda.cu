@@ -286,7 +286,7 @@ struct RowArgs {
   Act<const scalar_t> src;        // x (pooled on load when s > 1) or saved
   int s, H, W;                    // window and src's spatial size
   bool src_cfast;                 // src's channel stride is 1
-  int src_vec;                    // VecMode of src (and pooled) in load_rows
+  int src_vec;                    // VecMode of src in load_rows (and of pooled, but for WINDOWS)
   const acc_t* shift;             // nullable: subtracted from src on load
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
@@ -1397,6 +1397,8 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
     const int64_t splits = cdiv(M, chunk);
     at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
+    TORCH_CHECK(k.src_vec != WINDOWS, "projection_backward (cuda): internal error: the dW kernel reads saved in "
+                "windows");
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
         k.dy, k.src, sub, k.src_cfast, C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
         (int)Wo, M, chunk, ws.data_ptr<acc_t>());
