@@ -367,7 +367,9 @@ def fused_projection(
             default ``$HIRES_BACKEND`` or the fastest available for ``x.device``.
 
     Under ``torch.autocast`` the activations run in the autocast dtype, like the conv
-    this op replaces; parameters and statistics stay in float32.
+    this op replaces; parameters and statistics stay in float32. float32 GEMMs on a GPU run
+    in TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` (or float32 matmul
+    precision "high") allows it (SPEC §3: within 2e-3), in IEEE float32 otherwise.
     """
     _check_python_types(x, stride)
     x, residual = _autocast(x, residual)

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
@@ -106,35 +107,68 @@ inline bool emu_dry_run = false;
 inline std::vector<EmuLaunchRecord> emu_launches;
 inline std::mutex emu_launches_mutex;
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane publishes its fragments, then
-// computes its own four accumulator elements from the warp's A (16x16) and B (16x8), with
-// the fragment layout of the PTX ISA (see the .cu). Two slots, used in turn, let one barrier
-// per call suffice: a lane writes a slot again only two calls later, after every lane has
-// passed the barrier of the call in between, so all reads of it are done.
+// mma.sync for one warp, D (16x8, fp32) += A (16xK) B (Kx8): each lane publishes its
+// fragments, then computes its own four accumulator elements, D(g + 8 (v / 2), 2q + v % 2),
+// from the warp's; A(fa, r, k) and B(fb, k, n) read an element out of the published
+// fragments in the instruction's layout (PTX ISA, see the .cu). Two slots, used in turn, let
+// one barrier per call suffice: a lane writes a slot again only two calls later, after every
+// lane has passed the barrier of the call in between, so all reads of it are done.
 inline uint32_t emu_mma_a[2][32][32][4], emu_mma_b[2][32][32][2];
 inline thread_local int emu_mma_slot = 0;
-template <typename scalar_t>
-void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+template <int K, typename ElementA, typename ElementB>
+void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], ElementA A, ElementB B) {
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = emu_mma_slot;
   emu_mma_slot ^= 1;
   for (int i = 0; i < 4; ++i) emu_mma_a[slot][warp][lane][i] = a[i];
   for (int i = 0; i < 2; ++i) emu_mma_b[slot][warp][lane][i] = b[i];
   emu_warp_barrier[warp]->arrive_and_wait();
-  auto half = [](uint32_t word, int k) {
-    return static_cast<float>(scalar_t(static_cast<uint16_t>(word >> (16 * (k % 2))), scalar_t::from_bits()));
-  };
   const auto& fa = emu_mma_a[slot][warp];
   const auto& fb = emu_mma_b[slot][warp];
-  auto A = [&](int r, int k) { return half(fa[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k); };
-  auto B = [&](int k, int n) { return half(fb[n * 4 + (k % 8) / 2][k >= 8], k); };
   const int g = lane / 4, q = lane % 4;
   for (int v = 0; v < 4; ++v) {
     const int r = g + 8 * (v / 2), n = 2 * q + v % 2;
     float sum = 0;
-    for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, n);
+    for (int k = 0; k < K; ++k) sum += A(fa, r, k) * B(fb, k, n);
     d[v] += sum;
   }
+}
+
+// m16n8k16 .bf16 / .f16: a[0..3] hold A(g, 2q..2q+1), A(g+8, ..), A(g, 2q+8..), A(g+8, 2q+8..),
+// b[0..1] B(2q..2q+1, g), B(2q+8.., g); the lower k of a pair in the low half of its word.
+template <typename scalar_t>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto half = [](uint32_t word, int k) {
+    return static_cast<float>(scalar_t(static_cast<uint16_t>(word >> (16 * (k % 2))), scalar_t::from_bits()));
+  };
+  emu_mma<16>(
+      d, a, b,
+      [&](const auto& fa, int r, int k) { return half(fa[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k); },
+      [&](const auto& fb, int k, int n) { return half(fb[n * 4 + (k % 8) / 2][k >= 8], k); });
+}
+
+// cvt.rna.tf32.f32: float32 rounded to 10 mantissa bits, to nearest, ties away from zero
+// (Inf and NaN kept), in a 32-bit register whose low 13 bits are zero.
+inline uint32_t to_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  return u;
+}
+
+// m16n8k8 .tf32: a[0..3] hold A(g, q), A(g+8, q), A(g, q+4), A(g+8, q+4), b[0..1] B(q, g),
+// B(q+4, g); the tensor cores read a word's TF32 bits only, and the products of TF32
+// operands are exact in float32.
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto value = [](uint32_t word) {
+    word &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &word, sizeof f);
+    return f;
+  };
+  emu_mma<8>(
+      d, a, b, [&](const auto& fa, int r, int k) { return value(fa[(r % 8) * 4 + k % 4][(r >= 8) + 2 * (k >= 4)]); },
+      [&](const auto& fb, int k, int n) { return value(fb[n * 4 + k % 4][k >= 4]); });
 }
 
 // The host API the kernels' launch code uses, as no-ops on the CPU.

@@ -5,7 +5,8 @@ or loaded). Skipped only where nvcc is missing.
 
 The same compile's reports are checked too: ptxas (-v) reports no spills in any kernel
 and at most 128 registers for the 256-thread tile kernels (2 blocks per SM), and the PTX
-of the bf16 / fp16 tile kernels runs their GEMMs on the tensor cores (mma.sync), and every
+of the bf16 / fp16 tile kernels runs their GEMMs on the tensor cores (mma.sync), that of
+the float32 ones has the TF32 mma.sync they take where torch allows TF32, and every
 row kernel and the dW kernel have 16-byte vector loads (ld.global.v4), the apply and dy
 passes 16-byte stores, for channels in aligned runs."""
 
@@ -113,6 +114,10 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
         if ("rows_kernel" in entry or "dw_partial_kernel" in entry) and ("BFloat16" in entry or "Half" in entry):
             kind = "bf16" if "BFloat16" in entry else "f16"
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in body, f"no tensor-core mma in {entry}"
+        if ("rows_kernel" in entry or "dw_partial_kernel" in entry) and re.search(r"(<float,|Iff)", entry):
+            # float32: TF32 on the tensor cores where torch allows it (a run-time choice)
+            assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in body, f"no TF32 mma in {entry}"
+            assert "cvt.rna.tf32.f32" in body, f"no TF32 rounding in {entry}"
         if "rows_kernel" in entry or "dw_partial_kernel" in entry:
             # The run paths: 16-byte vectors (of channels or positions) from global memory.
             wide = r"(v4\.(u32|b32|f32)|v2\.(f64|u64|b64))"

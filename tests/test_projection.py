@@ -29,6 +29,19 @@ def test_float32_matches_float64_oracle(backend, device, case):
     check(errors(result, oracle(case)), 1e-5)
 
 
+@pytest.mark.parametrize("case", CASES[::3], ids=str)
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cuda"])
+def test_float32_in_tf32_where_torch_allows_it(backend, device, case):
+    """torch.backends.cuda.matmul.allow_tf32: the GPU backends may run float32 GEMMs in TF32
+    (the cuda backend on the tensor cores), within SPEC §3's 2e-3."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        result = run(fused_projection, case, make_inputs(case, torch.float32, device), backend=backend)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    check(errors(result, oracle(case)), 2e-3)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.offset == 0][::2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend,device", BACKENDS)

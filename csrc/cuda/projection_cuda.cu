@@ -18,8 +18,9 @@
 // load, rounded to x's dtype as `pooled` stores it), then loops over the C_out blocks of 64:
 // y = P W^T with the weight staged in chunks of 64, then the epilogue. The GEMMs run on the
 // tensor cores for bf16/fp16 (mma.sync m16n8k16, fp32 accumulators, the weight rounded to
-// x's dtype as eager autocast does) and as FMAs on the same fragment layout for
-// fp32 (IEEE, no TF32) and fp64. y never leaves the block.
+// x's dtype as eager autocast does); for fp32 on them too (mma.sync m16n8k8 .tf32) where
+// torch allows TF32 for float32 matmuls, else as IEEE FMAs on the same fragment layout, as
+// for fp64. y never leaves the block.
 //
 // Bytes per launch (the emulated tests count them, see tests/test_cuda_traffic.py):
 // S0 shift_kernel      shift[c] = mean of x[0, c, :s, :s]: C_in s^2 e.
@@ -76,6 +77,7 @@
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
 // "Why dW is not fused into B3 yet").
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
@@ -162,6 +164,24 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 #endif
 
+// float32 on the tensor cores where torch allows TF32 for float32 matmuls (RowArgs::tf32):
+// mma.sync m16n8k8 .tf32 with fp32 accumulate, each operand rounded to TF32 (cvt.rna: 10
+// mantissa bits, to nearest, ties away from zero). Fragments (PTX ISA, "m16n8k8", .tf32):
+// a[0..3] hold A(g, q), A(g+8, q), A(g, q+4), A(g+8, q+4); b[0..1] hold B(q, g), B(q+4, g);
+// d as for m16n8k16. The emulation implements the same layout and rounding.
+#ifndef HIRES_EMULATED
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 // The warps of a block over a tm x 64 result tile (tm = 16, 32, 64 or 128): tm / 16 warps
 // along the rows, 8 / (tm / 16) along the columns; a warp owns 16 rows and nt = tm / 16
 // groups of 8 columns, and each lane the mma.sync accumulator elements of its fragments, so
@@ -189,10 +209,27 @@ __device__ __forceinline__ void zero(acc_t (&acc)[NJ][4]) {
 }
 
 // acc += A B^T over k in [0, depth) (depth a multiple of 16): A rows and B columns both
-// stored k-contiguous in shared memory (pitches lda, ldb elements).
+// stored k-contiguous in shared memory (pitches lda, ldb elements); float32 in TF32 where
+// tf32 says so, else (and fp64) FMA.
 template <typename scalar_t, typename acc_t, int NJ>
 __device__ __forceinline__ void mma_chunk(acc_t (&acc)[NJ][4], const scalar_t* A, int lda, const scalar_t* B, int ldb,
-                                          int depth, const Frag& f) {
+                                          int depth, const Frag& f, bool tf32) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tf32) {
+      for (int k = 0; k < depth; k += 8) {
+        const float* a0 = A + (f.row0 + f.g) * lda + k + f.q;
+        const uint32_t a[4] = {to_tf32(a0[0]), to_tf32(a0[8 * lda]), to_tf32(a0[4]), to_tf32(a0[8 * lda + 4])};
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          if (j >= f.nt) break;
+          const float* b0 = B + (f.col0 + 8 * j + f.g) * ldb + k + f.q;
+          const uint32_t b[2] = {to_tf32(b0[0]), to_tf32(b0[4])};
+          mma_1688_tf32(acc[j], a, b);
+        }
+      }
+      return;
+    }
+  }
   if constexpr (kTensorCores<scalar_t>) {
     for (int k = 0; k < depth; k += 16) {
       auto word = [](const scalar_t* p) { return *reinterpret_cast<const uint32_t*>(p); };
@@ -231,7 +268,7 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[NJ][4], const scalar_t* A
 // bf16/fp16 weights on the tensor cores, as eager autocast rounds them). Ends with a barrier.
 template <typename scalar_t, typename acc_t>
 __device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, const acc_t* W, int64_t wk, int64_t wc,
-                            int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f) {
+                            int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f, bool tf32) {
   constexpr int ldb = KC + KPAD;
   acc_t acc[4][4];
   zero(acc);
@@ -246,7 +283,7 @@ __device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, con
       Bs[c * ldb + kk] = static_cast<scalar_t>(k < k_end && col < c_end ? load_param(W + k * wk + col * wc) : acc_t(0));
     }
     __syncthreads();
-    mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f);
+    mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f, tf32);
     __syncthreads();
   }
 #pragma unroll
@@ -291,6 +328,7 @@ struct RowArgs {
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
   int C_in, C_out, Ho, Wo, tm;
+  bool tf32;                      // float32 GEMMs in TF32 (tf32_allowed)
   int64_t M;
   const acc_t* mean;              // [C_out] (APPLY, BWD_*); eval forward: running_mean
   const acc_t* var;               // [C_out] (APPLY, BWD_*)
@@ -567,7 +605,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
       c_db[threadIdx.x] = db;
       c_dg[threadIdx.x] = dg;
     }
-    gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f);
+    gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f, a.tf32);
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
       // BWD_STATS with grad_out in 16-byte runs: every thread stages the tile's g into Bs
@@ -675,7 +713,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   // writes its own window with dp / count (the last row / column of windows also writes the
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
   for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
-    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f);
+    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f, a.tf32);
     // Runs of g elements where grad_x takes them (16-byte runs of channels, or at stride 1
     // of positions, or WINDOWS: the VW / s positions whose windows one 16-byte run of a
     // pixel row covers; else g = 1).
@@ -824,7 +862,7 @@ constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, int p_vec, int C_in,
-    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, acc_t* ws) {
+    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, bool tf32, acc_t* ws) {
   constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
   __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
   __shared__ int64_t row_off[KD];
@@ -878,7 +916,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
       }
     }
     __syncthreads();
-    mma_chunk(acc, As, ld, Bs, ld, KD, f);
+    mma_chunk(acc, As, ld, Bs, ld, KD, f, tf32);
     __syncthreads();
   }
   acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
@@ -1200,6 +1238,17 @@ bool window_vectors(const at::Tensor& t, int64_t s, int64_t Wo, size_t elt) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// Whether float32 GEMMs may run in TF32: torch's flag for float32 matmuls
+// (torch.backends.cuda.matmul.allow_tf32, or fp32_precision = "tf32"), as the triton backend
+// reads it; IEEE where torch refuses to answer (its legacy and new TF32 settings disagree).
+bool tf32_allowed() {
+  try {
+    return at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 // The fields of the row kernels' arguments that forward and backward set alike.
 template <typename scalar_t, typename acc_t>
 RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t* shift, const at::Tensor& weight,
@@ -1214,6 +1263,7 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
+  k.tf32 = std::is_same_v<scalar_t, float> && tf32_allowed();
   k.M = src.size(0) * Ho * Wo;
   k.eps = static_cast<acc_t>(eps);
   k.training = training;
@@ -1401,7 +1451,7 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
                 "windows");
     dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
         k.dy, k.src, sub, k.src_cfast, C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
-        (int)Wo, M, chunk, ws.data_ptr<acc_t>());
+        (int)Wo, M, chunk, k.tf32, ws.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
         ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
