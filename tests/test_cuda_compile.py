@@ -7,8 +7,9 @@ The same compile's reports are checked too: ptxas (-v) reports no spills in any 
 and at most 128 registers for the 256-thread tile kernels (2 blocks per SM), and the PTX
 of the bf16 / fp16 tile kernels runs their GEMMs on the tensor cores (mma.sync), that of
 the float32 ones has the TF32 mma.sync they take where torch allows TF32, and every
-row kernel and the dW kernel have 16-byte vector loads (ld.global.v4), the apply and dy
-passes 16-byte stores, for channels in aligned runs."""
+row kernel and the dW kernel have 16-byte vector loads (ld.global.v4), every row kernel
+16-byte cp.async copies, the apply and dy passes 16-byte stores, for channels in aligned
+runs."""
 
 from __future__ import annotations
 
@@ -124,6 +125,8 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
             assert re.search(r"ld\.global(\.nc)?\." + wide, body), f"no 16-byte global load in {entry}"
             if "rows_kernel" in entry:  # the input tile stored to shared memory in vectors too
                 assert re.search(r"st\.shared\." + wide, body), f"no 16-byte shared store in {entry}"
+                # tiles staged as they are: global -> shared by cp.async, 16 bytes at a time
+                assert "cp.async.cg.shared.global" in body and "cp.async.wait_all" in body, f"no cp.async in {entry}"
             # FWD_APPLY, BWD_DX (demangled or not): out, dy and grad_x stored in vectors
             if "rows_kernel" in entry and re.search(r"(, [13]>|Li[13]EE)", entry):
                 assert re.search(r"st\.global\." + wide, body), f"no 16-byte global store in {entry}"

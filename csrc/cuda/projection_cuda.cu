@@ -72,7 +72,9 @@
 // written at stride > 1 (runs of 16 / s bytes), x and grad_x where the windows do not tile
 // 16-byte runs, and every tensor whose planes' positions do not come in 16-byte runs (7x7
 // or 14x14 in bf16); the pooling kernels in NCHW.
-// Not done yet: cp.async; wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
+// Tiles staged as they are (`pooled` or the saved input at s = 1 without a shift, grad_out
+// in the statistics pass), in runs of channels, go global -> shared by cp.async.
+// Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
 // M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
@@ -417,6 +419,25 @@ __device__ __forceinline__ void store_run(scalar_t* p, int g, const scalar_t (&v
   store_act(p, v[0]);
 }
 
+// A 16-byte run of an activation staged into shared memory as it is, at 16-byte aligned
+// addresses: cp.async (cached in L2 only, no round trip through registers). A thread's
+// copies land by its copy_async_wait(), which comes before the barrier that publishes them.
+// The emulation copies through load_act (counted, alignment checked).
+template <typename scalar_t>
+__device__ __forceinline__ void copy_run_async(scalar_t* smem, const scalar_t* gmem) {
+#ifdef HIRES_EMULATED
+  *reinterpret_cast<Vec16<scalar_t>*>(smem) = load_act(reinterpret_cast<const Vec16<scalar_t>*>(gmem));
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void copy_async_wait() {
+#ifndef HIRES_EMULATED
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // v[0, g) into shared memory at p, p + step, ...: one 16-byte store where the run is
 // contiguous there (step 1, g a vector: p is then 16-byte aligned, the tile buffers' offsets,
 // pitches and run starts being multiples of 16 bytes), else element by element.
@@ -499,8 +520,15 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
   const bool windows = a.src_vec == WINDOWS;
   const int kin = L.kin, g = a.src_vec == ELEMENTS ? 1 : windows ? VW / a.s : VW;
   const bool along_k = a.src_vec == CHANNELS || (a.src_vec == ELEMENTS && a.src_cfast);
+  // At s = 1 without a shift (`pooled`, or the saved pooled input) the tile is src as it is:
+  // runs of channels go by cp.async.
+  const bool as_is = a.s == 1 && a.shift == nullptr && a.src_vec == CHANNELS;
   for (int e = threadIdx.x; e < a.tm * kin / g; e += NT) {
     const Run u(e, g, along_k, a.tm, kin);
+    if (as_is && u.r < rows && u.c < a.C_in) {
+      copy_run_async(Ps + u.r * L.ldp + u.c, a.src.ptr + a.src.offset(rn[u.r], u.c, rh[u.r], rw[u.r]));
+      continue;
+    }
     scalar_t v[VW];
 #pragma unroll
     for (int j = 0; j < VW; ++j) v[j] = static_cast<scalar_t>(acc_t(0));
@@ -545,6 +573,7 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
     }
     store_shared_run(Ps + u.r * L.ldp + u.c, u.dr * L.ldp + u.dc, g, v);
   }
+  if (as_is) copy_async_wait();
 }
 
 template <typename scalar_t, typename acc_t, int EPI>
@@ -618,12 +647,17 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
         for (int e = threadIdx.x; e < a.tm * TN / VW; e += NT) {
           const Run u(e, VW, a.grad_vec == CHANNELS, a.tm, TN);
           const int64_t co = co0 + u.c;
+          if (a.grad_vec == CHANNELS && u.r < rows && co < a.C_out) {  // g as it is: cp.async
+            copy_run_async(Bs + u.r * TN + u.c, a.grad.ptr + a.grad.offset(rn[u.r], co, rh[u.r], rw[u.r]));
+            continue;
+          }
           scalar_t gv[VW];
 #pragma unroll
           for (int j = 0; j < VW; ++j) gv[j] = static_cast<scalar_t>(acc_t(0));
           if (u.r < rows && co < a.C_out) load_run(a.grad.ptr + a.grad.offset(rn[u.r], co, rh[u.r], rw[u.r]), VW, gv);
           store_shared_run(Bs + u.r * TN + u.c, u.dr * TN + u.dc, VW, gv);
         }
+        copy_async_wait();
         __syncthreads();
       }
       // One thread per column, over the rows in order (deterministic).
