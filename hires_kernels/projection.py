@@ -368,8 +368,8 @@ def fused_projection(
 
     Under ``torch.autocast`` the activations run in the autocast dtype, like the conv
     this op replaces; parameters and statistics stay in float32. float32 GEMMs on a GPU run
-    in TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` (or float32 matmul
-    precision "high") allows it (SPEC §3: within 2e-3), in IEEE float32 otherwise.
+    in TF32 only where torch allows TF32 for float32 matmuls (``torch.backends.cuda.matmul``'s
+    ``allow_tf32`` or ``fp32_precision``; SPEC §3: within 2e-3), in IEEE float32 otherwise.
     """
     _check_python_types(x, stride)
     x, residual = _autocast(x, residual)

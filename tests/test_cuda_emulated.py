@@ -268,22 +268,27 @@ def test_emulated_cuda_low_precision(emulated_ops, dtype, how, training):
 @pytest.mark.parametrize("how", ["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_emulated_cuda_float32_in_tf32_where_torch_allows_it(emulated_ops, how, training):
-    """float32 with torch.backends.cuda.matmul.allow_tf32: the GEMMs run on the tensor
-    cores in TF32 (mma.sync m16n8k8, operands rounded by cvt.rna), within SPEC §3's 2e-3 of
-    the oracle and different from the IEEE results; with the flag off (torch's default)
-    they stay IEEE, within 1e-5. C_in = 24 and C_out = 20: k and n across partial chunks."""
+    """float32 where torch allows TF32 for float32 matmuls (the legacy allow_tf32, or the
+    new fp32_precision alone): the GEMMs run on the tensor cores in TF32 (mma.sync m16n8k8,
+    operands rounded by cvt.rna), within SPEC §3's 2e-3 of the oracle and different from the
+    IEEE results; with TF32 off (torch's default) they stay IEEE, within 1e-5. C_in = 24 and
+    C_out = 20: k and n across partial chunks."""
     problem = Problem(2, 24, 20, 8, 8, 2, training=training, how=how, dtype=torch.float32, seed=8)
-    assert not torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    assert not matmul.allow_tf32
     check(problem, emulated_ops, torch.float32, _within_eager(torch.float32))
     ieee = problem.run_kernels(emulated_ops)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        check(problem, emulated_ops, torch.float32, lambda name, eager_err: 2e-3)
-        tf32 = problem.run_kernels(emulated_ops)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    leaves = zip(torch.utils._pytree.tree_leaves(ieee), torch.utils._pytree.tree_leaves(tf32))
-    assert not all(torch.equal(a, b) for a, b in leaves)
+    results = []
+    for setting, off in (("allow_tf32", False), ("fp32_precision", matmul.fp32_precision)):
+        setattr(matmul, setting, True if setting == "allow_tf32" else "tf32")
+        try:
+            check(problem, emulated_ops, torch.float32, lambda name, eager_err: 2e-3)
+            results.append(problem.run_kernels(emulated_ops))
+        finally:
+            setattr(matmul, setting, off)
+    flat = [torch.utils._pytree.tree_leaves(r) for r in (ieee, *results)]
+    assert not all(torch.equal(a, b) for a, b in zip(flat[0], flat[1]))
+    assert all(torch.equal(a, b) for a, b in zip(flat[1], flat[2]))
 
 
 # With one SM the row kernels take 64 (M >= 256) or 32 rows (M >= 128) a block, as full-size

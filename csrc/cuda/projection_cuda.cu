@@ -88,6 +88,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cuda_runtime.h>
 
@@ -522,7 +523,7 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
   const bool along_k = a.src_vec == CHANNELS || (a.src_vec == ELEMENTS && a.src_cfast);
   // At s = 1 without a shift (`pooled`, or the saved pooled input) the tile is src as it is:
   // runs of channels go by cp.async.
-  const bool as_is = a.s == 1 && a.shift == nullptr && a.src_vec == CHANNELS;
+  const bool as_is = a.s == 1 && a.shift == nullptr && a.pooled.ptr == nullptr && a.src_vec == CHANNELS;
   for (int e = threadIdx.x; e < a.tm * kin / g; e += NT) {
     const Run u(e, g, along_k, a.tm, kin);
     if (as_is && u.r < rows && u.c < a.C_in) {
@@ -1272,15 +1273,22 @@ bool window_vectors(const at::Tensor& t, int64_t s, int64_t Wo, size_t elt) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// Whether float32 GEMMs may run in TF32: torch's flag for float32 matmuls
-// (torch.backends.cuda.matmul.allow_tf32, or fp32_precision = "tf32"), as the triton backend
-// reads it; IEEE where torch refuses to answer (its legacy and new TF32 settings disagree).
+// Whether float32 GEMMs may run in TF32: as torch decides it for its own float32 matmuls
+// (torch.backends.cuda.matmul.fp32_precision = "tf32", which allow_tf32 and
+// set_float32_matmul_precision set too; not under a NoTF32Guard). Before torch 2.13 through
+// the legacy flag, IEEE where torch refuses to read it (legacy and new settings disagree).
 bool tf32_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  return !at::NoTF32Guard::should_disable_tf32() &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
+#else
   try {
     return at::globalContext().allowTF32CuBLAS();
   } catch (const c10::Error&) {
     return false;
   }
+#endif
 }
 
 // The fields of the row kernels' arguments that forward and backward set alike.
