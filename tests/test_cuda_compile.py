@@ -112,6 +112,13 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
     assert not heavy, f"tile kernels over 128 registers (fewer than 2 blocks of 256 threads per SM): {heavy}"
     ptx = "".join(open(p).read() for p in glob.glob(str(tmp_path / "*.ptx")))
     for entry, body in ptx_entries(ptx).items():
+        # The pooling kernels move x (pool_many) and grad_x (unpool_sum) in 16-byte vectors in
+        # both layouts: runs of channels (V > 1), or in NCHW runs of a row's columns (V = 1).
+        vector = r"\.(v4\.(u32|b32|f32)|v2\.(f64|u64|b64))"
+        if "pool_many_kernel" in entry:
+            assert re.search(r"ld\.global(\.nc)?" + vector, body), f"no 16-byte load in {entry}"
+        if "unpool_sum_kernel" in entry:
+            assert re.search(r"st\.global" + vector, body), f"no 16-byte store in {entry}"
         if ("rows_kernel" in entry or "dw_partial_kernel" in entry) and ("BFloat16" in entry or "Half" in entry):
             kind = "bf16" if "BFloat16" in entry else "f16"
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in body, f"no tensor-core mma in {entry}"

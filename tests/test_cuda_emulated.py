@@ -529,23 +529,32 @@ def test_emulated_projections_low_precision(emulated_ops, dtype, how, training):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ceil", [True, False])
-def test_emulated_pooling_vectors_equal_elements(emulated_ops, dtype, ceil):
-    """channels_last with C = 24: the pooling kernels move channels in 16-byte vectors; the
-    same values one element off alignment, element by element: bitwise equal results."""
+@pytest.mark.parametrize("how", ["channels_last", "nchw"])
+def test_emulated_pooling_vectors_equal_elements(emulated_ops, dtype, ceil, how):
+    """channels_last with C = 24: the pooling kernels move channels in 16-byte vectors; NCHW
+    with W = 16: x's and grad_x's rows in 16-byte runs of columns. The same x one element
+    off alignment goes element by element: bitwise equal results. Both match avg_pool2d and
+    its gradient."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 24, 17, 13, generator=g, dtype=torch.float64).to(dtype).contiguous(
-        memory_format=torch.channels_last)
+    cl = how == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    h, w = 17, 13 if cl else 16
+    x = torch.randn(2, 24, h, w, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
     strides = [2, 4, 8]
     pooled = emulated_ops.pool_source(x, strides, ceil)
     assert all(torch.equal(a, b) for a, b in zip(pooled, emulated_ops.pool_source(misaligned(x), strides, ceil)))
-    for p, s in zip(pooled, strides):
-        torch.testing.assert_close(p, F.avg_pool2d(x, s, s, ceil_mode=ceil, count_include_pad=False))
-    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(
-        memory_format=torch.channels_last) for p in pooled]
-    grad_x = emulated_ops.pool_source_backward(grads, strides, ceil, 17, 13, True)
-    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    leaf = x.detach().double().requires_grad_()
+    expected = [F.avg_pool2d(leaf, s, s, ceil_mode=ceil, count_include_pad=False) for s in strides]
+    for p, e in zip(pooled, expected):
+        torch.testing.assert_close(p, e.to(dtype))
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+             for p in pooled]
+    grad_x = emulated_ops.pool_source_backward(grads, strides, ceil, h, w, cl)
+    assert grad_x.is_contiguous(memory_format=fmt)
     assert torch.equal(grad_x, emulated_ops.pool_source_backward([misaligned(t) for t in grads], strides, ceil,
-                                                                  17, 13, True))
+                                                                  h, w, cl))
+    torch.autograd.backward(expected, [t.double() for t in grads])
+    torch.testing.assert_close(grad_x, leaf.grad.to(dtype))
 
 
 LARGE_TILE_CASES = [SOURCE_CASES[7], SOURCE_CASES[8]]

@@ -279,6 +279,8 @@ def test_source_read_once_in_forward_and_its_gradient_written_once_in_backward(e
     if how == "channels_last":  # 64 channels: 16-byte vectors of channels
         assert pool[0]["wide_read"] == x and pool[0]["wide_write"] == pool[0]["act_write"]
         assert unpool[0]["wide_write"] == x and unpool[0]["wide_read"] == unpool[0]["act_read"]
+    else:  # 32 columns a row: x read and grad_x written in 16-byte runs of columns
+        assert pool[0]["wide_read"] == x and unpool[0]["wide_write"] == x
     # The other backward launches are the targets' own at stride 1: they write what the
     # single-target calls write, with each target's grad of its pooled input in place of
     # a grad_x.

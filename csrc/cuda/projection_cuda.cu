@@ -71,11 +71,12 @@
 // Elsewhere element-wise along the contiguous dimension (coalesced): in NCHW, `pooled`
 // written at stride > 1 (runs of 16 / s bytes), x and grad_x where the windows do not tile
 // 16-byte runs, and every tensor whose planes' positions do not come in 16-byte runs (7x7
-// or 14x14 in bf16); the pooling kernels in NCHW.
+// or 14x14 in bf16); the pooling kernels' pooled levels in NCHW (x and grad_x there go in
+// 16-byte runs of a row's columns where column_runs allows).
 // Tiles staged as they are (`pooled` or the saved input at s = 1 without a shift, grad_out
 // in the statistics pass), in runs of channels, go global -> shared by cp.async.
-// Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip and the re-reads of B4; grids of 2 waves where
-// M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
+// Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip
+// and the re-reads of B4; grids of 2 waves where M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
 // (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
 // block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
 // "Why dW is not fused into B3 yet").
@@ -1028,6 +1029,7 @@ struct PoolGeometry {
   int C, H, W;
   int cc, bw, c_tiles, w_tiles, h_tiles;                 // tiles: cc channels x bw blocks of S x S
   bool cfast;                                            // channels_last
+  int xw;  // NCHW: columns of x (PM) / grad_x (PU) per access, 16 / e where column_runs allows, else 1
 };
 
 // Offsets (in acc_t elements) of a tile's shared buffers: one per level, then (pool_many)
@@ -1097,18 +1099,30 @@ __global__ void __launch_bounds__(NT) pool_many_kernel(PoolGeometry g, Act<const
   // Only the pixels the level-0 windows cover are read (floor mode leaves the others).
   const int h_end = min(g.H, g.ho[0] * s0), w_end = min(g.W, g.wo[0] * s0);
   acc_t* columns = sums + L.columns;
-  for (int e = threadIdx.x; e < groups * (g.S / s0) * X; e += NT) {
-    const TileIndex i = tile_index(e, groups, g.S / s0, X, g.cfast);
-    const int c = t.c0 + i.c * V, h0 = t.h0 + i.r * s0, w = t.w0 + i.col;
-    acc_t sum[V];
-    for (int j = 0; j < V; ++j) sum[j] = acc_t(0);
+  // A thread sums the columns of one run: V channels of a column (channels_last), or in NCHW
+  // xw consecutive columns of a channel (xw > 1: 16-byte runs, column_runs); a run is wholly
+  // in or out of range (C, and w_end and the tiles' columns, split whole runs).
+  constexpr int VW = Vec16<scalar_t>::n;
+  const int xw = g.xw, run = V > 1 ? V : xw;
+  for (int e = threadIdx.x; e < groups * (g.S / s0) * (X / xw); e += NT) {
+    const TileIndex i = tile_index(e, groups, g.S / s0, X / xw, g.cfast);
+    const int c = t.c0 + i.c * V, h0 = t.h0 + i.r * s0, w = t.w0 + i.col * xw;
+    acc_t sum[VW];
+#pragma unroll
+    for (int j = 0; j < VW; ++j) sum[j] = acc_t(0);
     if (c < g.C && w < w_end)
       for (int h = h0; h < min(h0 + s0, h_end); ++h) {
-        scalar_t v[V];
-        load_run(x.ptr + x.offset(t.n, c, h, w), V, v);
-        for (int j = 0; j < V; ++j) sum[j] += static_cast<acc_t>(v[j]);
+        scalar_t v[VW];
+        load_run(x.ptr + x.offset(t.n, c, h, w), run, v);
+#pragma unroll
+        for (int j = 0; j < VW; ++j)
+          if (j < run) sum[j] += static_cast<acc_t>(v[j]);
       }
-    for (int j = 0; j < V; ++j) columns[tile_offset(i.c * V + j, i.r, i.col, g.cc, g.S / s0, X, g.cfast)] = sum[j];
+#pragma unroll
+    for (int j = 0; j < VW; ++j)
+      if (j < run)
+        columns[V > 1 ? tile_offset(i.c * V + j, i.r, i.col, g.cc, g.S / s0, X, g.cfast)
+                      : tile_offset(i.c, i.r, i.col * xw + j, g.cc, g.S / s0, X, g.cfast)] = sum[j];
   }
   __syncthreads();
   for (int l = 0; l < g.L; ++l) {
@@ -1173,16 +1187,23 @@ __global__ void __launch_bounds__(NT) unpool_sum_kernel(PoolGeometry g, LevelAct
     }
     __syncthreads();
   }
+  // Runs as in pool_many_kernel: V channels of a pixel, or xw columns of a channel's row.
   const int s0 = g.s[0];
-  for (int e = threadIdx.x; e < groups * g.S * X; e += NT) {
-    const TileIndex i = tile_index(e, groups, g.S, X, g.cfast);
-    const int c = t.c0 + i.c * V, h = t.h0 + i.r, w = t.w0 + i.col;
+  constexpr int VW = Vec16<scalar_t>::n;
+  const int xw = g.xw, run = V > 1 ? V : xw;
+  for (int e = threadIdx.x; e < groups * g.S * (X / xw); e += NT) {
+    const TileIndex i = tile_index(e, groups, g.S, X / xw, g.cfast);
+    const int c = t.c0 + i.c * V, h = t.h0 + i.r, w = t.w0 + i.col * xw;
     if (c >= g.C || h >= g.H || w >= g.W) continue;
-    scalar_t o[V];
-    for (int j = 0; j < V; ++j)
+    scalar_t o[VW];
+#pragma unroll
+    for (int j = 0; j < VW; ++j)
       o[j] = static_cast<scalar_t>(
-          vals[L.level[0] + tile_offset(i.c * V + j, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]);
-    store_run(grad_x.ptr + grad_x.offset(t.n, c, h, w), V, o);
+          j >= run ? acc_t(0)
+          : V > 1  ? vals[L.level[0] + tile_offset(i.c * V + j, i.r / s0, i.col / s0, g.cc, g.S / s0, X / s0, g.cfast)]
+                   : vals[L.level[0] + tile_offset(i.c, i.r / s0, (i.col * xw + j) / s0, g.cc, g.S / s0, X / s0,
+                                                   g.cfast)]);
+    store_run(grad_x.ptr + grad_x.offset(t.n, c, h, w), run, o);
   }
 }
 
@@ -1525,6 +1546,7 @@ PoolGeometry pool_geometry(at::IntArrayRef strides, bool ceil_mode, int64_t N, i
   }
   g.C = (int)C; g.H = (int)H; g.W = (int)W;
   g.cfast = cfast;
+  g.xw = 1;
   // channels_last: up to 64 channels, then blocks along the row; NCHW: blocks along the
   // row, then channels.
   const int64_t block = (int64_t)g.S * g.S, blocks_w = cdiv(W, g.S);
@@ -1544,6 +1566,17 @@ PoolGeometry pool_geometry(at::IntArrayRef strides, bool ceil_mode, int64_t N, i
   }
   TORCH_CHECK(N * g.h_tiles * g.w_tiles * g.c_tiles <= INT32_MAX, "pool_source (cuda): problem too large for the grid");
   return g;
+}
+
+// NCHW: whether the pooling kernels may move t (x, or grad_x) in 16-byte runs of a row's
+// columns: every row, plane and the address at multiples of 16 bytes, and runs that the
+// tiles' columns (bw S), W and the columns the finest windows cover split whole.
+bool column_runs(const PoolGeometry& g, const at::Tensor& t, size_t elt) {
+  const int64_t vw = 16 / (int64_t)elt;
+  const int64_t covered_w = std::min<int64_t>(g.W, (int64_t)g.wo[0] * g.s[0]);
+  return !g.cfast && t.stride(3) == 1 && g.W % vw == 0 && covered_w % vw == 0 && (int64_t)g.bw * g.S % vw == 0 &&
+         t.stride(2) % vw == 0 && t.stride(1) % vw == 0 && t.stride(0) % vw == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 int level_of(const PoolGeometry& g, int64_t stride) { return (int)(std::find(g.s, g.s + g.L, stride) - g.s); }
@@ -1588,7 +1621,7 @@ std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef
   const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int device = x.get_device();
-  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
+  PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, fmt == at::MemoryFormat::ChannelsLast, device);
   std::vector<at::Tensor> level_out;
   for (int l = 0; l < g.L; ++l)
     level_out.push_back(at::empty({N, C, g.ho[l], g.wo[l]}, x.options().memory_format(fmt)));
@@ -1600,6 +1633,7 @@ std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef
       out.t[l] = act_view<scalar_t>(level_out[l]);
       vectors = vectors && channel_vectors(level_out[l], sizeof(scalar_t));
     }
+    g.xw = column_runs(g, x, sizeof(scalar_t)) ? Vec16<scalar_t>::n : 1;
     if (vectors)
       launch_pool_many<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, x, out, device);
     else
@@ -1617,7 +1651,7 @@ at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strid
   const auto fmt = hires::format_of(channels_last);
   const int64_t N = grads[0].size(0), C = grads[0].size(1);
   const int device = grads[0].get_device();
-  const PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, channels_last, device);
+  PoolGeometry g = pool_geometry(strides, ceil_mode, N, C, H, W, channels_last, device);
   std::vector<at::Tensor> level(g.L);
   for (size_t t = 0; t < grads.size(); ++t) level[level_of(g, strides[t])] = grads[t].contiguous(fmt);
   at::Tensor grad_x = at::empty({N, C, H, W}, grads[0].options().memory_format(fmt));
@@ -1629,6 +1663,7 @@ at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strid
       in.t[l] = act_view<const scalar_t>(level[l]);
       vectors = vectors && channel_vectors(level[l], sizeof(scalar_t));
     }
+    g.xw = column_runs(g, grad_x, sizeof(scalar_t)) ? Vec16<scalar_t>::n : 1;
     if (vectors)
       launch_unpool_sum<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, in, grad_x, device);
     else
