@@ -1592,6 +1592,20 @@ int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size,
   return (int)bytes;
 }
 
+// How a pooling launch moves its tensors: `acts` point at the levels (the pooled outputs, or
+// their gradients), g.xw says whether `full` (x, or grad_x) goes in NCHW runs of columns, and
+// the result whether every tensor takes 16-byte runs of channels (the kernels' V).
+template <typename scalar_t, typename T>
+bool pool_access(PoolGeometry& g, const at::Tensor& full, const std::vector<at::Tensor>& levels, LevelActs<T>& acts) {
+  bool vectors = g.cfast && channel_vectors(full, sizeof(scalar_t));
+  for (int l = 0; l < g.L; ++l) {
+    acts.t[l] = act_view<T>(levels[l]);
+    vectors = vectors && channel_vectors(levels[l], sizeof(scalar_t));
+  }
+  g.xw = column_runs(g, full, sizeof(scalar_t)) ? Vec16<scalar_t>::n : 1;
+  return vectors;
+}
+
 unsigned pool_tiles(const PoolGeometry& g, int64_t N) { return (unsigned)(N * g.h_tiles * g.w_tiles * g.c_tiles); }
 
 // One launch of each pooling kernel with V channels per global access (a 16-byte vector
@@ -1628,13 +1642,7 @@ std::vector<at::Tensor> pool_source_cuda(const at::Tensor& x_in, at::IntArrayRef
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_source_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LevelActs<scalar_t> out{};
-    bool vectors = g.cfast && channel_vectors(x, sizeof(scalar_t));
-    for (int l = 0; l < g.L; ++l) {
-      out.t[l] = act_view<scalar_t>(level_out[l]);
-      vectors = vectors && channel_vectors(level_out[l], sizeof(scalar_t));
-    }
-    g.xw = column_runs(g, x, sizeof(scalar_t)) ? Vec16<scalar_t>::n : 1;
-    if (vectors)
+    if (pool_access<scalar_t>(g, x, level_out, out))
       launch_pool_many<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, x, out, device);
     else
       launch_pool_many<scalar_t, acc_t, 1>(g, N, x, out, device);
@@ -1658,13 +1666,7 @@ at::Tensor pool_source_backward_cuda(at::TensorList grads, at::IntArrayRef strid
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "pool_source_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LevelActs<const scalar_t> in{};
-    bool vectors = g.cfast && channel_vectors(grad_x, sizeof(scalar_t));
-    for (int l = 0; l < g.L; ++l) {
-      in.t[l] = act_view<const scalar_t>(level[l]);
-      vectors = vectors && channel_vectors(level[l], sizeof(scalar_t));
-    }
-    g.xw = column_runs(g, grad_x, sizeof(scalar_t)) ? Vec16<scalar_t>::n : 1;
-    if (vectors)
+    if (pool_access<scalar_t>(g, grad_x, level, in))
       launch_unpool_sum<scalar_t, acc_t, Vec16<scalar_t>::n>(g, N, in, grad_x, device);
     else
       launch_unpool_sum<scalar_t, acc_t, 1>(g, N, in, grad_x, device);
