@@ -2,11 +2,18 @@
 // test_cuda_emulated.py turns the .cu source into C++ that includes this file: every
 // launch becomes emu_launch, which runs the grid's blocks one after another on one
 // std::thread per CUDA thread, so __syncthreads is a real barrier among them and
-// __shared__ memory (a static) is shared by exactly the threads of one block.
+// __shared__ memory is shared by exactly the threads of one block. A launch in thread-block
+// clusters (sm_90, cudaLaunchKernelEx) runs the blocks of one cluster at once, one
+// std::thread per thread of each, each block with its own dynamic shared memory, which
+// cluster_peer maps into (distributed shared memory) and cluster_sync orders across the
+// cluster; such kernels keep all their shared memory dynamic (a static __shared__ here is one
+// for the whole launch).
 // Outputs and scratch come from emu_empty, filled with NaN: a value a kernel fails to
 // write shows up in the comparison with the reference. A launch a GPU would refuse or
 // fault on fails here too: a misaligned global access, a block over 1024 threads, more
-// than 48 KiB of dynamic shared memory without the kernel's limit raised.
+// than 48 KiB of dynamic shared memory without the kernel's limit raised, a grid its
+// clusters do not tile, a cluster over 8 blocks without the kernel's non-portable size
+// allowed or over 16, a peer mapping outside the block's shared memory.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,17 +50,22 @@ struct emu_uint3 {
 inline thread_local emu_uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
-inline std::barrier<>* emu_block_barrier = nullptr;
-inline std::barrier<>* emu_warp_barrier[32];
-inline double emu_shuffle[32][32];
+// The blocks that run at once (one, or a cluster's): each thread's block barrier, rank in
+// the cluster, and warp among the warps of all of them (which indexes the warp state below).
+constexpr int EMU_MAX_CLUSTER = 16, EMU_WARPS = EMU_MAX_CLUSTER * 32;
+inline thread_local std::barrier<>* emu_block_barrier = nullptr;
+inline thread_local unsigned emu_rank = 0, emu_warp = 0;
+inline std::barrier<>* emu_cluster_barrier = nullptr;
+inline std::barrier<>* emu_warp_barrier[EMU_WARPS];
+inline double emu_shuffle[EMU_WARPS][32];
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
-inline void __syncwarp() { emu_warp_barrier[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp() { emu_warp_barrier[emu_warp]->arrive_and_wait(); }
 
 // Every lane of the warp publishes its value, then reads its partner's.
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned warp = emu_warp, lane = threadIdx.x % 32;
   emu_shuffle[warp][lane] = static_cast<double>(v);
   emu_warp_barrier[warp]->arrive_and_wait();
   const T r = static_cast<T>(emu_shuffle[warp][lane ^ lane_mask]);
@@ -69,9 +81,28 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define HIRES_EMULATED 1
-// One buffer per launch holds the dynamic shared memory of the block that runs.
-inline unsigned char* emu_dynamic_smem = nullptr;
+// One buffer per block that runs at once holds its dynamic shared memory; a thread sees its
+// block's.
+inline thread_local unsigned char* emu_dynamic_smem = nullptr;
+inline std::vector<unsigned char*> emu_cluster_smem;  // by rank
+inline size_t emu_smem_bytes = 0;
 #define HIRES_DYNAMIC_SHARED(name) unsigned char* name = emu_dynamic_smem
+
+// Thread-block clusters: the barrier of all the cluster's threads (which also orders their
+// shared-memory accesses, as cluster.sync() does), and p, an address in this block's
+// dynamic shared memory, as the same address in the block of rank `rank` (map_shared_rank).
+inline std::atomic<bool> emu_bad_peer{false};
+inline void cluster_sync() { emu_cluster_barrier->arrive_and_wait(); }
+template <typename T>
+T* cluster_peer(T* p, int rank) {
+  const auto* at = reinterpret_cast<const unsigned char*>(p);
+  if (at < emu_dynamic_smem || at >= emu_dynamic_smem + emu_smem_bytes || rank < 0 ||
+      rank >= static_cast<int>(emu_cluster_smem.size())) {
+    emu_bad_peer = true;
+    return p;
+  }
+  return reinterpret_cast<T*>(emu_cluster_smem[rank] + (at - emu_dynamic_smem));
+}
 
 // Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
 // store_act, load_param and store_param), summed per launch into emu_launches. Those that
@@ -100,6 +131,7 @@ struct EmuLaunchRecord {
   int64_t bytes[4], watched[2], wide[2];
   unsigned blocks, threads;
   size_t smem;
+  unsigned cluster;  // blocks per cluster
 };
 // Dry run: launches are recorded (grid, block, shared memory) but not run, so that the
 // launch configuration of full-size problems can be checked without emulating them.
@@ -113,11 +145,11 @@ inline std::mutex emu_launches_mutex;
 // fragments in the instruction's layout (PTX ISA, see the .cu). Two slots, used in turn, let
 // one barrier per call suffice: a lane writes a slot again only two calls later, after every
 // lane has passed the barrier of the call in between, so all reads of it are done.
-inline uint32_t emu_mma_a[2][32][32][4], emu_mma_b[2][32][32][2];
+inline uint32_t emu_mma_a[2][EMU_WARPS][32][4], emu_mma_b[2][EMU_WARPS][32][2];
 inline thread_local int emu_mma_slot = 0;
 template <int K, typename ElementA, typename ElementB>
 void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], ElementA A, ElementB B) {
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned warp = emu_warp, lane = threadIdx.x % 32;
   const int slot = emu_mma_slot;
   emu_mma_slot ^= 1;
   for (int i = 0; i < 4; ++i) emu_mma_a[slot][warp][lane][i] = a[i];
@@ -194,11 +226,26 @@ inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
            : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
   return 0;
 }
+// The emulated kernels are "built" for sm_90 (clusters available).
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion;
+};
+template <typename F>
+int cudaFuncGetAttributes(cudaFuncAttributes* attributes, F*) {
+  attributes->binaryVersion = attributes->ptxVersion = 90;
+  return 0;
+}
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
+constexpr int cudaFuncAttributeNonPortableClusterSizeAllowed = 14;
 // A GPU refuses a launch with more than 48 KiB of dynamic shared memory unless the kernel's
-// limit was raised to it first: each kernel's raised limit, checked by emu_launch.
+// limit was raised to it first, and one in clusters of more than 8 blocks unless the kernel
+// allows non-portable sizes: each kernel's attributes, checked by emu_launch.
 constexpr size_t emu_default_dynamic_smem = 48 * 1024;
 inline std::map<const void*, int> emu_dynamic_smem_limit;
+inline std::map<const void*, bool> emu_non_portable;
 inline std::mutex emu_dynamic_smem_mutex;
 inline bool emu_honour_attributes = true;  // false: cudaFuncSetAttribute is lost (tests the check)
 template <typename F>
@@ -207,72 +254,134 @@ const void* emu_kernel_id(F* kernel) {
 }
 template <typename F>
 int cudaFuncSetAttribute(F* kernel, int attribute, int value) {
-  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && emu_honour_attributes) {
-    const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
-    emu_dynamic_smem_limit[emu_kernel_id(kernel)] = value;
-  }
+  const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
+  if (!emu_honour_attributes) return 0;
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) emu_dynamic_smem_limit[emu_kernel_id(kernel)] = value;
+  if (attribute == cudaFuncAttributeNonPortableClusterSizeAllowed) emu_non_portable[emu_kernel_id(kernel)] = value != 0;
   return 0;
 }
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
+// cudaLaunchKernelEx's configuration, the cluster dimension its one attribute used here.
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+inline dim3 emu_cluster_dim(const cudaLaunchConfig_t& config) {
+  for (unsigned i = 0; i < config.numAttrs; ++i)
+    if (config.attrs[i].id == cudaLaunchAttributeClusterDimension) {
+      const auto& c = config.attrs[i].val.clusterDim;
+      return dim3(c.x, c.y, c.z);
+    }
+  return dim3(1, 1, 1);
+}
+// Clusters of up to emu_max_cluster blocks fit on the emulated GPU (set_max_cluster: 1 makes
+// every cluster launch choice fall back to single blocks).
+inline int emu_max_cluster = EMU_MAX_CLUSTER;
+template <typename F>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, F*, const cudaLaunchConfig_t* config) {
+  const dim3 c = emu_cluster_dim(*config);
+  *clusters = static_cast<int>(c.x * c.y * c.z) <= emu_max_cluster ? emu_sm_count * 2 / (c.x * c.y * c.z) : 0;
+  return cudaSuccess;
+}
+
 inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name, const void* kernel_id,
-                       const std::function<void()>& kernel) {
+                       const std::function<void()>& kernel, dim3 cluster = dim3(1, 1, 1)) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
               "x", block.z, " is not a 1-D block of at most 1024 threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid y/z over 65535");
-  if (dynamic_smem > emu_default_dynamic_smem) {
+  const unsigned ranks = cluster.x * cluster.y * cluster.z;
+  TORCH_CHECK(ranks >= 1 && grid.x % cluster.x == 0 && grid.y % cluster.y == 0 && grid.z % cluster.z == 0,
+              "emulated launch ", name, ": clusters of ", cluster.x, "x", cluster.y, "x", cluster.z,
+              " do not tile the grid ", grid.x, "x", grid.y, "x", grid.z);
+  {
     const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
-    const auto limit = emu_dynamic_smem_limit.find(kernel_id);
-    TORCH_CHECK(limit != emu_dynamic_smem_limit.end() && static_cast<size_t>(limit->second) >= dynamic_smem,
-                "emulated launch ", name, ": ", dynamic_smem, " bytes of dynamic shared memory, over the default ",
-                emu_default_dynamic_smem, ", but the kernel's limit was not raised to it (cudaFuncSetAttribute): a "
-                "GPU refuses the launch");
+    if (dynamic_smem > emu_default_dynamic_smem) {
+      const auto limit = emu_dynamic_smem_limit.find(kernel_id);
+      TORCH_CHECK(limit != emu_dynamic_smem_limit.end() && static_cast<size_t>(limit->second) >= dynamic_smem,
+                  "emulated launch ", name, ": ", dynamic_smem, " bytes of dynamic shared memory, over the default ",
+                  emu_default_dynamic_smem, ", but the kernel's limit was not raised to it (cudaFuncSetAttribute): a "
+                  "GPU refuses the launch");
+    }
+    TORCH_CHECK(ranks <= EMU_MAX_CLUSTER && (ranks <= 8 || emu_non_portable[kernel_id]), "emulated launch ", name,
+                ": a cluster of ", ranks, " blocks needs the kernel's non-portable cluster size allowed (at most ",
+                EMU_MAX_CLUSTER, "): a GPU refuses the launch");
   }
   blockDim = block;
   gridDim = grid;
-  std::barrier<> block_barrier(block.x);
-  emu_block_barrier = &block_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  for (unsigned w = 0; w < (block.x + 31) / 32; ++w) {
-    warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block.x - 32 * w)));
-    emu_warp_barrier[w] = warp_barriers.back().get();
+  const unsigned warps = (block.x + 31) / 32;
+  std::vector<std::unique_ptr<std::barrier<>>> block_barriers, warp_barriers;
+  for (unsigned r = 0; r < ranks; ++r) {
+    block_barriers.push_back(std::make_unique<std::barrier<>>(block.x));
+    for (unsigned w = 0; w < warps; ++w) {
+      warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block.x - 32 * w)));
+      emu_warp_barrier[r * warps + w] = warp_barriers.back().get();
+    }
   }
+  std::barrier<> cluster_barrier(block.x * ranks);
+  emu_cluster_barrier = &cluster_barrier;
   // Filled with 0xff (NaN in every float type) before each block: a read of shared memory
   // that nothing wrote shows up in the results.
-  std::vector<unsigned char> smem(dynamic_smem + 16);
-  emu_dynamic_smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem};
+  std::vector<std::vector<unsigned char>> smem(ranks, std::vector<unsigned char>(dynamic_smem + 16));
+  emu_cluster_smem.clear();
+  for (auto& buffer : smem)
+    emu_cluster_smem.push_back(buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) % 16) % 16);
+  emu_smem_bytes = dynamic_smem;
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem, ranks};
   if (emu_dry_run) {
     const std::lock_guard<std::mutex> lock(emu_launches_mutex);
     emu_launches.push_back(record);
     return;
   }
-  // One std::thread per CUDA thread for the whole launch: each runs its thread of every
-  // block in turn, with a block barrier between blocks (thread 0 refills shared memory).
+  // One std::thread per CUDA thread of each block that runs at once (a cluster's): each runs
+  // its thread of its block of every cluster in turn, with a cluster barrier between clusters
+  // (thread 0 of each block refills its shared memory).
   std::vector<std::thread> threads;
-  threads.reserve(block.x);
-  for (unsigned t = 0; t < block.x; ++t)
-    threads.emplace_back([&, t] {
-      threadIdx = {t, 0, 0};
-      for (auto& b : emu_thread_bytes) b = 0;
-      for (auto& b : emu_thread_watched) b = 0;
-      for (auto& b : emu_thread_wide) b = 0;
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            if (t == 0) std::fill(smem.begin(), smem.end(), 0xff);
-            block_barrier.arrive_and_wait();
-            blockIdx = {bx, by, bz};
-            kernel();
-            block_barrier.arrive_and_wait();
-          }
-      const std::lock_guard<std::mutex> lock(emu_launches_mutex);
-      for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
-      for (int i = 0; i < 2; ++i) record.watched[i] += emu_thread_watched[i];
-      for (int i = 0; i < 2; ++i) record.wide[i] += emu_thread_wide[i];
-    });
+  threads.reserve(block.x * ranks);
+  for (unsigned r = 0; r < ranks; ++r)
+    for (unsigned t = 0; t < block.x; ++t)
+      threads.emplace_back([&, r, t] {
+        threadIdx = {t, 0, 0};
+        emu_rank = r;
+        emu_warp = r * warps + t / 32;
+        emu_block_barrier = block_barriers[r].get();
+        emu_dynamic_smem = emu_cluster_smem[r];
+        for (auto& b : emu_thread_bytes) b = 0;
+        for (auto& b : emu_thread_watched) b = 0;
+        for (auto& b : emu_thread_wide) b = 0;
+        // Rank r's place in its cluster, x fastest (as cluster.block_rank() counts).
+        const unsigned rx = r % cluster.x, ry = r / cluster.x % cluster.y, rz = r / (cluster.x * cluster.y);
+        for (unsigned bz = 0; bz < grid.z; bz += cluster.z)
+          for (unsigned by = 0; by < grid.y; by += cluster.y)
+            for (unsigned bx = 0; bx < grid.x; bx += cluster.x) {
+              if (t == 0) std::fill(smem[r].begin(), smem[r].end(), 0xff);
+              cluster_barrier.arrive_and_wait();
+              blockIdx = {bx + rx, by + ry, bz + rz};
+              kernel();
+              cluster_barrier.arrive_and_wait();
+            }
+        const std::lock_guard<std::mutex> lock(emu_launches_mutex);
+        for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
+        for (int i = 0; i < 2; ++i) record.watched[i] += emu_thread_watched[i];
+        for (int i = 0; i < 2; ++i) record.wide[i] += emu_thread_wide[i];
+      });
   for (auto& th : threads) th.join();
+  TORCH_CHECK(!emu_bad_peer.exchange(false), "emulated launch ", name, ": cluster_peer of an address outside the "
+              "block's dynamic shared memory, or of a rank outside the cluster");
   const uintptr_t misaligned = emu_misaligned.exchange(0);
   TORCH_CHECK(misaligned == 0, "emulated launch ", name, ": a ", emu_misaligned_bytes.load(),
               "-byte global access at address ", misaligned, " is not aligned to its size (a GPU would fault)");
@@ -280,8 +389,16 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
   emu_launches.push_back(record);
 }
 
+// cudaLaunchKernelEx(&config, kernel, args...), as test_cuda_emulated.py rewrites it.
+inline cudaError_t emu_launch_ex(const cudaLaunchConfig_t& config, const char* name, const void* kernel_id,
+                                 const std::function<void()>& kernel) {
+  emu_launch(config.gridDim, config.blockDim, config.dynamicSmemBytes, name, kernel_id, kernel,
+             emu_cluster_dim(config));
+  return cudaSuccess;
+}
+
 // "name blocks threads dynamic_smem act_read act_write param_read param_write
-// watched_read watched_write wide_read wide_write" per launch since the last call.
+// watched_read watched_write wide_read wide_write cluster" per launch since the last call.
 inline std::string emu_traffic() {
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   std::string log;
@@ -290,7 +407,7 @@ inline std::string emu_traffic() {
     for (int64_t b : r.bytes) log += " " + std::to_string(b);
     for (int64_t b : r.watched) log += " " + std::to_string(b);
     for (int64_t b : r.wide) log += " " + std::to_string(b);
-    log += "\n";
+    log += " " + std::to_string(r.cluster) + "\n";
   }
   emu_launches.clear();
   return log;
@@ -308,7 +425,9 @@ inline void emu_set_honour_attributes(bool on) {
   const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
   emu_honour_attributes = on;
   emu_dynamic_smem_limit.clear();
+  emu_non_portable.clear();
 }
+inline void emu_set_max_cluster(int64_t blocks) { emu_max_cluster = static_cast<int>(blocks); }
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
@@ -316,6 +435,7 @@ TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("set_dry_run", &emu_set_dry_run);
   m.def("set_sm_count", &emu_set_sm_count);
   m.def("set_honour_attributes", &emu_set_honour_attributes);
+  m.def("set_max_cluster", &emu_set_max_cluster);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

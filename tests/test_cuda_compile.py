@@ -9,7 +9,8 @@ of the bf16 / fp16 tile kernels runs their GEMMs on the tensor cores (mma.sync),
 the float32 ones has the TF32 mma.sync they take where torch allows TF32, and every
 row kernel and the dW kernel have 16-byte vector loads (ld.global.v4), every row kernel
 16-byte cp.async copies, the apply and dy passes 16-byte stores, for channels in aligned
-runs."""
+runs; the dW kernel shares its operands across a thread-block cluster (barrier.cluster,
+mapa)."""
 
 from __future__ import annotations
 
@@ -137,6 +138,11 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
             # FWD_APPLY, BWD_DX (demangled or not): out, dy and grad_x stored in vectors
             if "rows_kernel" in entry and re.search(r"(, [13]>|Li[13]EE)", entry):
                 assert re.search(r"st\.global\." + wide, body), f"no 16-byte global store in {entry}"
+        if "dw_partial_kernel" in entry:
+            # Thread-block clusters: the cluster barrier (arrive with release, wait with
+            # acquire) and peers' shared memory mapped into this block's address space.
+            assert "barrier.cluster.arrive" in body and "barrier.cluster.wait" in body, f"no cluster barrier in {entry}"
+            assert "mapa" in body, f"no distributed shared memory mapping in {entry}"
 
 
 def demangle(name: str) -> str:

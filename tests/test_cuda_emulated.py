@@ -55,8 +55,10 @@ def emulated_source(cu: str) -> str:
     """The .cu source as C++ for the CPU: CUDA headers give way to the emulation,
     `kernel<<<grid, block, shm, stream>>>(args);` to
     `emu_launch(grid, block, shm, "kernel", emu_kernel_id(kernel), [&] { kernel(args); });`,
+    `cudaLaunchKernelEx(&config, kernel, args)` (a launch in clusters) to
+    `emu_launch_ex(config, "kernel", emu_kernel_id(kernel), [&] { kernel(args); })`,
     device checks to CPU ones, and the CUDA dispatch registration to an op library of its own."""
-    cu = re.sub(r"#include <(cuda_runtime\.h|c10/cuda/[^>]+)>\n", "", cu)
+    cu = re.sub(r"#include <(cuda_runtime\.h|cooperative_groups\.h|c10/cuda/[^>]+)>\n", "", cu)
     cu = cu.replace("#include <torch/library.h>", '#include "cuda_emulation.h"', 1)
     cu = cu.replace("at::empty(", "emu_empty(").replace(".is_cuda()", ".is_cpu()")
     out, pos = [], 0
@@ -74,6 +76,17 @@ def emulated_source(cu: str) -> str:
                    f'[&] {{ {kernel}({args}); }});')
         pos = close + 2
     cu = "".join(out) + cu[pos:]
+    out, pos = [], 0
+    for launch in re.finditer(r"cudaLaunchKernelEx\(", cu):
+        close = _matching_paren(cu, launch.end() - 1)
+        config, kernel, *args = _split_top_level(cu[launch.end():close])
+        assert config.startswith("&"), "cudaLaunchKernelEx takes &config"
+        name = kernel.split("<")[0].strip()
+        out.append(cu[pos:launch.start()])
+        out.append(f'emu_launch_ex({config[1:]}, "{name}", emu_kernel_id({kernel}), '
+                   f'[&] {{ {kernel}({", ".join(args)}); }})')
+        pos = close + 1
+    cu = "".join(out) + cu[pos:]
     assert REGISTRATION in cu, "the CUDA kernels are no longer registered as expected"
     return cu.replace(REGISTRATION, "TORCH_LIBRARY(hires_cuda_emulated, m)").replace("m.impl(", "m.def(")
 
@@ -82,8 +95,9 @@ def test_every_launch_is_rewritten():
     with open(SOURCE) as f:
         cu = f.read()
     emulated = emulated_source(cu)
-    assert "<<<" not in emulated
+    assert "<<<" not in emulated and "cudaLaunchKernelEx(" not in emulated
     assert emulated.count("emu_launch(") == cu.count("<<<") > 0
+    assert emulated.count("emu_launch_ex(") == cu.count("cudaLaunchKernelEx(") > 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,6 +376,56 @@ def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, 
     elements = problem.run_kernels(emulated_ops)
     for a, b in zip(torch.utils._pytree.tree_leaves(vectors), torch.utils._pytree.tree_leaves(elements)):
         assert torch.equal(a, b)
+
+
+# (N, C_in, C_out, H, W, stride, layout, dtype) -> the dW kernel's cluster (tiles of 128 output
+# channels in bf16, 64 otherwise, by 64 input channels): 2 x 4 tiles (steps of 128 positions,
+# each block staging 32 of its dy tile's and 64 of its p tile's), 4 x 2 with a partial last tile
+# of output channels over three splits, the last one ending inside a step, 2 x 1 (input channels
+# in 3 tiles: no cluster along them), and 4 x 4 (16 blocks, a non-portable size).
+CLUSTER_CASES = [((3, 256, 256, 9, 9, 1, "channels_last", torch.bfloat16), (2, 4)),
+                 ((7, 70, 200, 10, 10, 1, "nchw", torch.float32), (4, 2)),
+                 ((2, 130, 70, 12, 12, 2, "channels_last", torch.float64), (2, 1)),
+                 ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4))]
+
+
+def dw_launch(ops) -> dict:
+    """The dW kernel's launch among those since the last call (blocks, bytes)."""
+    rows = [line.split() for line in ops.traffic().splitlines()]
+    (r,) = [r for r in rows if r[0] == "dw_partial_kernel"]
+    return dict(blocks=int(r[1]), act_read=int(r[4]))
+
+
+@pytest.mark.parametrize("case,cluster", CLUSTER_CASES,
+                         ids=["{}x{}x{}x{}->{}-s{}-{}-{}".format(*c[0][:2], *c[0][3:5], c[0][2], *c[0][5:7],
+                                                                   str(c[0][7]).split(".")[1]) for c in CLUSTER_CASES])
+def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulated_ops, case, cluster):
+    """The dW kernel in thread-block clusters: each block stages its share of a step's dy and
+    p tiles and takes the rest from its cluster's blocks, so the launch reads dy and p once
+    where the cluster spans every tile (here), against once per tile of the other operand
+    without clusters (set_max_cluster(1): the launch choice falls back to single blocks).
+    Both match the oracle and, bitwise, each other: every block adds the positions in the
+    same order whatever the cluster."""
+    n, c_in, c_out, h, w, s, how, dtype = case
+    problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, seed=8)
+    check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    emulated_ops.traffic()
+    clustered = problem.run_kernels(emulated_ops)
+    with_clusters = dw_launch(emulated_ops)
+    emulated_ops.set_max_cluster(1)
+    try:
+        single = problem.run_kernels(emulated_ops)
+        without = dw_launch(emulated_ops)
+    finally:
+        emulated_ops.set_max_cluster(16)
+    for a, b in zip(torch.utils._pytree.tree_leaves(clustered), torch.utils._pytree.tree_leaves(single)):
+        assert torch.equal(a, b)
+    m, e = n * (h // s) * (w // s), torch.finfo(dtype).bits // 8
+    tiles_co, tiles_ci = -(-c_out // (128 if dtype == torch.bfloat16 else 64)), -(-c_in // 64)
+    assert tiles_co % cluster[0] == 0 and tiles_ci % cluster[1] == 0 and with_clusters["blocks"] == without["blocks"]
+    dy, p = m * c_out * e, m * c_in * e
+    assert with_clusters["act_read"] == dy * (tiles_ci // cluster[1]) + p * (tiles_co // cluster[0])
+    assert without["act_read"] == dy * tiles_ci + p * tiles_co
 
 
 # NCHW (N, C_in, C_out, H, W, stride, ceil, training) whose windows tile 16-byte runs of x's

@@ -50,15 +50,16 @@ TARGET = {True: 1.5, False: 1.2}
 
 
 def launches(ops) -> list[dict]:
-    """The launches since the last call: kernel, blocks, threads, smem and bytes (those of
-    the watched tensor apart, and the activation bytes of 16-byte accesses apart)."""
+    """The launches since the last call: kernel, blocks, threads, smem, bytes (those of the
+    watched tensor apart, and the activation bytes of 16-byte accesses apart) and blocks per
+    cluster."""
     rows = []
     for line in ops.traffic().splitlines():
         name, blocks, threads, smem, *b = line.split()
         rows.append(dict(name=name, blocks=int(blocks), threads=int(threads), smem=int(smem),
                          act_read=int(b[0]), act_write=int(b[1]), act=int(b[0]) + int(b[1]),
                          param=int(b[2]) + int(b[3]), watched_read=int(b[4]), watched_write=int(b[5]),
-                         wide_read=int(b[6]), wide_write=int(b[7])))
+                         wide_read=int(b[6]), wide_write=int(b[7]), cluster=int(b[8])))
     return rows
 
 
@@ -209,6 +210,22 @@ def test_launches_over_48_kib_raise_their_kernels_limit(emulated_ops):
         emulated_ops.set_honour_attributes(True)
 
 
+def test_cluster_launches_over_8_blocks_allow_non_portable_sizes(emulated_ops):
+    """256@8 -> 512@4 runs its dW kernel in clusters of 4 x 4 tiles, over the portable 8
+    blocks: a GPU runs them only if the kernel allows non-portable cluster sizes
+    (cudaFuncSetAttribute), which the emulation checks at every launch. With the attribute
+    lost, the same launch fails."""
+    shape = SPEC_SHAPES[5]
+    dw = next(r for r in full_size_launches(emulated_ops, shape) if r["name"] == "dw_partial_kernel")
+    assert dw["cluster"] == 16
+    emulated_ops.set_honour_attributes(False)
+    try:
+        with pytest.raises(RuntimeError, match="non-portable cluster size"):
+            full_size_launches(emulated_ops, shape)
+    finally:
+        emulated_ops.set_honour_attributes(True)
+
+
 def tables(ops) -> str:
     out = ["| C_in@H -> C_out@H' | train fwd+bwd B/sample | floor | ratio | eval fwd B/sample | floor | ratio "
            "| param B/sample (train) | fixed B (train, N=1) |",
@@ -223,7 +240,8 @@ def tables(ops) -> str:
     for shape, name in zip(SPEC_SHAPES, IDS):
         c_in, h, c_out, ho, n = shape
         rows = full_size_launches(ops, shape)
-        cells = "; ".join(f"{r['name']} {r['blocks']} ({waves(r):.2f}), {r['smem']} B" for r in rows
+        cells = "; ".join(f"{r['name']} {r['blocks']} ({waves(r):.2f}), {r['smem']} B"
+                          + (f", clusters of {r['cluster']}" if r["cluster"] > 1 else "") for r in rows
                           if r["name"] in TILE_KERNELS)
         dw = next(r for r in rows if r["name"] == "dw_partial_kernel")
         splits = dw["blocks"] // (-(-c_out // 128) * -(-c_in // 64))  # bf16 dW tiles: 128 x 64

@@ -46,8 +46,10 @@
 //      writes its window of grad_x with dp / count (the last row / column of windows also
 //      the zeros of floor mode's trailing pixels): grad_x written once, no memset.
 //   B4 dw_partial       grid (C_out/R, C_in/64, splits), R = 128 for bf16/fp16 (tensor
-//      cores), 64 otherwise: split-K over m of dW = dy^T p; dy read ceil(C_in/64) times,
-//      saved ceil(C_out/R) times; partials 4 splits C_out C_in.
+//      cores), 64 otherwise: split-K over m of dW = dy^T p, in thread-block clusters of
+//      cx x cy tiles on sm_90 (up to 4 x 4) whose blocks share their staged operands through
+//      distributed shared memory: dy read ceil(C_in/(64 cy)) times, saved ceil(C_out/(R cx))
+//      times (once each on every SPEC shape); partials 4 splits C_out C_in.
 //   B5 dw_reduce        the splits summed in a fixed order, + eval's rstd gamma dbeta shift^T.
 // Deterministic: no floating-point atomics anywhere. Every global access goes through
 // load_act / store_act / load_param / store_param, which the emulation counts.
@@ -76,10 +78,9 @@
 // Tiles staged as they are (`pooled` or the saved input at s = 1 without a shift, grad_out
 // in the statistics pass), in runs of channels, go global -> shared by cp.async.
 // Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip
-// and the re-reads of B4; grids of 2 waves where M / 16 < 528 (the H' = 4 shapes at N = 256). Folding dW into B3 needs the fp32 dW
-// (128-512 KiB on the SPEC shapes) held on chip across many row tiles, more than one
-// block's shared memory: a thread-block cluster would hold it (bench/results/cuda_traffic.md,
-// "Why dW is not fused into B3 yet").
+// (folded into B3, the fp32 dW held across a cluster's shared memory over many row tiles:
+// bench/results/cuda_traffic.md, "Why dW is not fused into B3 yet"); grids of 2 waves where
+// M / 16 < 528 (the H' = 4 shapes at N = 256) and in B4.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -92,6 +93,7 @@
 #include <torch/version.h>
 
 #include <cuda_runtime.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <optional>
@@ -108,8 +110,8 @@ namespace hires_cuda {
 constexpr int NT = 256;          // threads of a tile block: 8 warps
 constexpr int TN = 64;           // GEMM tile columns (channels)
 constexpr int KC = 64;           // k depth of one staged chunk of the weight operand
-constexpr int KD = 32;           // positions per chunk of the dW kernel (its static shared memory stays under 48 KB in fp64)
-static_assert(KD % 8 == 0, "a dW chunk holds whole 16-byte runs of positions");
+constexpr int KD = 32;           // positions per segment of the dW kernel's GEMM (a block stages 1 to 4 segments a step)
+static_assert(KD % 16 == 0, "a dW segment holds whole 16-byte runs of positions and whole mma k-steps");
 constexpr int KPAD = 8;          // shared rows padded by 8 elements: conflict-free fragment loads
 constexpr int PITCH = TN + 1;    // row of the acc_t result tile
 constexpr int FIN_THREADS = 256;
@@ -142,6 +144,27 @@ template <typename V> __device__ __forceinline__ void store_param(V* p, V v) { c
 
 #ifndef HIRES_DYNAMIC_SHARED
 #define HIRES_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// Thread-block clusters (sm_90): cluster_sync is the barrier of every thread of the cluster
+// (cluster.sync(): shared-memory writes before it are visible to the whole cluster after
+// it); cluster_peer maps an address of this block's shared memory to the same address in
+// the block of cluster rank `rank` (distributed shared memory, read with generic loads).
+// Below sm_90 the host launches no clusters, so a cluster is the block itself. The
+// emulation provides both (tests/cuda_emulation.h).
+#ifndef HIRES_EMULATED
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#else
+#define HIRES_NO_CLUSTERS 1
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int) { return p; }
+#endif
 #endif
 
 // ---------------------------------------------------------------------------------
@@ -892,68 +915,108 @@ __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
 // per block row, so the taller tile halves those re-reads). p is read from saved as
 // load_rows reads it (shift subtracted at stride 1, rounded to scalar_t), so dW pairs dy
 // with exactly the p the other passes used.
+// The tiles of one split go in thread-block clusters of cx x cy tiles (DwLaunch; 1 x 1
+// without clusters), whose blocks share their operands instead of each reading them: per
+// step of max(cx, cy) segments of KD positions, block (bx, by) of the cluster stages the
+// by-th 1 / cy of the step's positions of its dy tile (shared with the blocks of its column
+// bx) and the bx-th 1 / cx of its p tile's (shared with its row by), and its GEMM takes
+// each segment from the block that staged it. dy is then read
+// ceil(C_in / (64 cy)) times and p ceil(C_out / (kDwRows cx)) times; every block still adds
+// the positions in ascending order, so the partials do not depend on the cluster.
 template <typename scalar_t>
 constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
+
+// Byte offsets of the dW kernel's shared memory (host and device): this block's shares of
+// the step, sa segments of the dy tile ([kDwRows][KD + KPAD] each) and sb of the p tile
+// ([64][KD + KPAD] each), and the sb KD offsets into saved of its p positions.
+struct DwSmem {
+  int sa, sb, bs, offs, total;
+  __host__ __device__ DwSmem(int rows, int cx, int cy, int elt_size) {
+    const int segments = cx > cy ? cx : cy;  // per step
+    sa = segments / cy;
+    sb = segments / cx;
+    bs = round_up(sa * rows * (KD + KPAD) * elt_size, 16);
+    offs = bs + round_up(sb * TN * (KD + KPAD) * elt_size, 16);
+    total = offs + sb * KD * 8;
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, int p_vec, int C_in,
-    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, bool tf32, acc_t* ws) {
+    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, int cx, int cy, bool tf32, acc_t* ws) {
   constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
-  __shared__ __align__(16) scalar_t As[ROWS * ld], Bs[TN * ld];
-  __shared__ int64_t row_off[KD];
+  HIRES_DYNAMIC_SHARED(smem);
+  const DwSmem L(ROWS, cx, cy, sizeof(scalar_t));
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
+  int64_t* row_off = reinterpret_cast<int64_t*>(smem + L.offs);
+#ifdef HIRES_NO_CLUSTERS
+  if (cx * cy > 1) __trap();  // the host launched clusters to code built without them
+#endif
+  const int bx = blockIdx.x % cx, by = blockIdx.y % cy, na = L.sa * KD, nb = L.sb * KD;
   const int64_t co0 = (int64_t)blockIdx.x * ROWS, ci0 = (int64_t)blockIdx.y * TN;
   const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
   const int64_t hw = (int64_t)Ho * Wo;
   const Frag f(ROWS);
   acc_t acc[ROWS / 16][4];
   zero(acc);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += KD) {
-    if (threadIdx.x < KD) {  // saved's offset of each position of the chunk
-      const int64_t m = min64(k0 + threadIdx.x, M - 1), n = m / hw, rem = m - n * hw;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += (int64_t)na * cy) {
+    const int64_t ka = k0 + (int64_t)by * na, kb = k0 + (int64_t)bx * nb;  // this block's shares
+    if (threadIdx.x < nb) {  // saved's offset of each position of the p share
+      const int64_t m = min64(kb + threadIdx.x, M - 1), n = m / hw, rem = m - n * hw;
       row_off[threadIdx.x] = n * p.sn + rem / Wo * p.sh + (rem - rem / Wo * Wo) * p.sw;
     }
     __syncthreads();
-    // Both operands staged k-contiguous: dy in 16-byte runs of channels where they come
-    // aligned (dy_vec), p as the row kernels read it (p_vec: runs of channels or positions).
+    // Both operands staged k-contiguous, a segment of KD positions after another: dy in
+    // 16-byte runs of channels where they come aligned (dy_vec), p as the row kernels read it
+    // (p_vec: runs of channels or positions).
     using Vec = Vec16<scalar_t>;
     constexpr int VW = Vec::n;
     if (dy_vec) {  // C_out is a multiple of VW: a vector is wholly in or out
-      for (int e = threadIdx.x; e < ROWS / VW * KD; e += NT) {
+      for (int e = threadIdx.x; e < ROWS / VW * na; e += NT) {
         const int r = e % (ROWS / VW) * VW, kk = e / (ROWS / VW);
-        const int64_t m = k0 + kk, co = co0 + r;
+        const int64_t m = ka + kk, co = co0 + r;
+        scalar_t* at = As + kk / KD * ROWS * ld + kk % KD;
         Vec v;
         if (m < k_end && co < C_out) v = load_act(reinterpret_cast<const Vec*>(dy + m * C_out + co));
         for (int j = 0; j < VW; ++j)
-          As[(r + j) * ld + kk] = m < k_end && co < C_out ? v.v[j] : static_cast<scalar_t>(acc_t(0));
+          at[(r + j) * ld] = m < k_end && co < C_out ? v.v[j] : static_cast<scalar_t>(acc_t(0));
       }
     } else {
-      for (int e = threadIdx.x; e < ROWS * KD; e += NT) {
+      for (int e = threadIdx.x; e < ROWS * na; e += NT) {
         const int r = e % ROWS, kk = e / ROWS;
-        const int64_t m = k0 + kk, co = co0 + r;
-        As[r * ld + kk] = m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
+        const int64_t m = ka + kk, co = co0 + r;
+        As[kk / KD * ROWS * ld + r * ld + kk % KD] =
+            m < k_end && co < C_out ? load_act(dy + m * C_out + co) : static_cast<scalar_t>(acc_t(0));
       }
     }
     {  // p: runs of g elements (16-byte runs of channels or positions), wholly in or out
       const int g = p_vec == ELEMENTS ? 1 : VW;
-      for (int e = threadIdx.x; e < TN * KD / g; e += NT) {
-        const Run u(e, g, p_vec == CHANNELS || (p_vec == ELEMENTS && p_cfast), KD, TN);  // r: k (position), c: ci
-        const int64_t mb = k0 + u.r, ci = ci0 + u.c;
+      for (int e = threadIdx.x; e < TN * nb / g; e += NT) {
+        const Run u(e, g, p_vec == CHANNELS || (p_vec == ELEMENTS && p_cfast), nb, TN);  // r: k (position), c: ci
+        const int64_t mb = kb + u.r, ci = ci0 + u.c;
         const bool in = mb < k_end && ci < C_in;
         scalar_t v[VW];
         if (in) load_run(p.ptr + row_off[u.r] + ci * p.sc, g, v);
 #pragma unroll
         for (int j = 0; j < VW; ++j) {
           if (j >= g) break;
-          const int kb = u.r + j * u.dr, c = u.c + j * u.dc;
+          const int kk = u.r + j * u.dr, c = u.c + j * u.dc;  // a run of positions stays in its segment
           const acc_t sub = in && shift != nullptr ? load_param(shift + ci0 + c) : acc_t(0);
-          Bs[c * ld + kb] = in ? static_cast<scalar_t>(static_cast<acc_t>(v[j]) - sub) : static_cast<scalar_t>(acc_t(0));
+          Bs[kk / KD * TN * ld + c * ld + kk % KD] =
+              in ? static_cast<scalar_t>(static_cast<acc_t>(v[j]) - sub) : static_cast<scalar_t>(acc_t(0));
         }
       }
     }
-    __syncthreads();
-    mma_chunk(acc, As, ld, Bs, ld, KD, f, tf32);
-    __syncthreads();
+    cluster_sync();  // every share of the step staged
+#pragma unroll 1
+    for (int t = 0; t < L.sa * cy; ++t) {  // segment t: positions k0 + t KD .. + KD, in order
+      const scalar_t* A = cluster_peer(As, bx + cx * (t / L.sa)) + t % L.sa * ROWS * ld;
+      const scalar_t* B = cluster_peer(Bs, t / L.sb + cx * by) + t % L.sb * TN * ld;
+      mma_chunk(acc, A, ld, B, ld, KD, f, tf32);
+    }
+    cluster_sync();  // every block done with the step's shares before they are restaged
   }
   acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
 #pragma unroll
@@ -1260,6 +1323,78 @@ void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The dW kernel's launch: tiles of kDwRows x 64 channels, split over m (2 waves of tiles, at
+// least 256 positions per split, whole steps of the kernel), and on sm_90 clusters of cx x cy
+// tiles of a split that share their operands: the largest (up to 4 x 4) that tile the grid,
+// leave 2 blocks per SM their shared memory and that the device can schedule
+// (cudaOccupancyMaxActiveClusters), halving the longer side until they do; 1 x 1 otherwise.
+struct DwLaunch {
+  dim3 grid, cluster;
+  int smem;
+  int64_t chunk;
+};
+
+// Whether the device can run clusters of config's size (non-portable beyond 8 blocks) of
+// kernel with config's shared memory; false, not an error, where it cannot.
+template <typename F>
+bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, unsigned blocks) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)config.dynamicSmemBytes) !=
+          cudaSuccess ||
+      (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return clusters > 0;
+}
+
+template <typename scalar_t, typename acc_t>
+DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
+  TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
+  // Clusters where the code that runs was built for sm_90 (a build for sm_80 run on a
+  // Hopper, from its PTX, has none: its cluster_sync is the block's barrier).
+  cudaFuncAttributes built;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, dw_partial_kernel<scalar_t, acc_t>));
+  unsigned cx = 1, cy = 1;
+  if (std::min(built.binaryVersion, built.ptxVersion) >= 90) {
+    while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
+    while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
+  }
+  const int64_t want = cdiv(4 * sms, tiles_co * tiles_ci);
+  const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
+  for (;;) {
+    DwLaunch d;
+    d.cluster = dim3(cx, cy, 1);
+    d.smem = DwSmem(kDwRows<scalar_t>, (int)cx, (int)cy, sizeof(scalar_t)).total;
+    const int64_t span = KD * std::max(cx, cy);  // a step's positions
+    d.chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), span) * span;
+    d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = cx;
+    cluster.val.clusterDim.y = cy;
+    cluster.val.clusterDim.z = 1;
+    const cudaLaunchConfig_t config{d.grid, dim3(NT), (size_t)d.smem, 0, &cluster, 1};
+    if (cx * cy == 1) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(dw_partial_kernel<scalar_t, acc_t>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem));
+      return d;
+    }
+    if (d.smem <= smem_sm / 2 - 1024 && cluster_fits(dw_partial_kernel<scalar_t, acc_t>, config, cx * cy)) return d;
+    if (cx >= cy)
+      cx /= 2;
+    else
+      cy /= 2;
+  }
+}
+
 // Whether a kernel may access activation t in 16-byte runs of channels: its channel stride
 // is 1 and every other stride, C and the address are multiples of 16 bytes (a dense
 // channels_last tensor of C % (16 / e) == 0 from the allocator).
@@ -1501,21 +1636,23 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     k.in_h = (int)in_h; k.in_w = (int)in_w;
     launch_rows<scalar_t, acc_t, BWD_DX>(k, l, stream);
 
-    // B4 + B5: dW = dy^T p, split over m (2 waves of tiles, at least 256 positions per
-    // split), fixed-order reduction (+ eval's shift term).
-    const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
-    TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
-    const int64_t want = cdiv(4 * (int64_t)sms, tiles_co * tiles_ci);
-    const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
-    const int64_t chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), KD) * KD;
-    const int64_t splits = cdiv(M, chunk);
-    at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
+    // B4 + B5: dW = dy^T p (dw_launch), fixed-order reduction (+ eval's shift term).
     TORCH_CHECK(k.src_vec != WINDOWS, "projection_backward (cuda): internal error: the dW kernel reads saved in "
                 "windows");
-    dw_partial_kernel<scalar_t, acc_t><<<dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)splits), NT, 0, stream>>>(
-        k.dy, k.src, sub, k.src_cfast, C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
-        (int)Wo, M, chunk, k.tf32, ws.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const DwLaunch d = dw_launch<scalar_t, acc_t>(M, C_in, C_out, device);
+    const int64_t splits = d.grid.z;
+    at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = d.cluster.x;
+    cluster.val.clusterDim.y = d.cluster.y;
+    cluster.val.clusterDim.z = 1;
+    const cudaLaunchConfig_t config{d.grid, dim3(NT), (size_t)d.smem, stream, &cluster,
+                                    d.cluster.x * d.cluster.y > 1 ? 1u : 0u};
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, dw_partial_kernel<scalar_t, acc_t>, k.dy, k.src, sub, k.src_cfast,
+                                      C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
+                                      (int)Wo, M, d.chunk, (int)d.cluster.x, (int)d.cluster.y, k.tf32,
+                                      ws.data_ptr<acc_t>()));
     dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
         ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
         training ? nullptr : shift_c.data_ptr<acc_t>(), k.var, k.gamma, k.dbeta, k.eps);
