@@ -399,13 +399,14 @@ def dw_launch(ops) -> dict:
 @pytest.mark.parametrize("case,cluster", CLUSTER_CASES,
                          ids=["{}x{}x{}x{}->{}-s{}-{}-{}".format(*c[0][:2], *c[0][3:5], c[0][2], *c[0][5:7],
                                                                    str(c[0][7]).split(".")[1]) for c in CLUSTER_CASES])
-def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulated_ops, case, cluster):
+def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulated_ops, monkeypatch, case, cluster):
     """The dW kernel in thread-block clusters: each block stages its share of a step's dy and
     p tiles and takes the rest from its cluster's blocks, so the launch reads dy and p once
     where the cluster spans every tile (here), against once per tile of the other operand
-    without clusters (set_max_cluster(1): the launch choice falls back to single blocks).
-    Both match the oracle and, bitwise, each other: every block adds the positions in the
-    same order whatever the cluster."""
+    without clusters (set_max_cluster(1): the device schedules none, so the launch choice
+    falls back to single blocks; or $HIRES_CUDA_CLUSTERS=0). Both match the oracle and,
+    bitwise, each other: every block adds the positions in the same order whatever the
+    cluster."""
     n, c_in, c_out, h, w, s, how, dtype = case
     problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, seed=8)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
@@ -418,8 +419,11 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
         without = dw_launch(emulated_ops)
     finally:
         emulated_ops.set_max_cluster(16)
-    for a, b in zip(torch.utils._pytree.tree_leaves(clustered), torch.utils._pytree.tree_leaves(single)):
-        assert torch.equal(a, b)
+    monkeypatch.setenv("HIRES_CUDA_CLUSTERS", "0")
+    switched_off = problem.run_kernels(emulated_ops)
+    assert dw_launch(emulated_ops) == without
+    for a, b, c in zip(*(torch.utils._pytree.tree_leaves(r) for r in (clustered, single, switched_off))):
+        assert torch.equal(a, b) and torch.equal(a, c)
     m, e = n * (h // s) * (w // s), torch.finfo(dtype).bits // 8
     tiles_co, tiles_ci = -(-c_out // (128 if dtype == torch.bfloat16 else 64)), -(-c_in // 64)
     assert tiles_co % cluster[0] == 0 and tiles_ci % cluster[1] == 0 and with_clusters["blocks"] == without["blocks"]

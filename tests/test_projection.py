@@ -42,6 +42,34 @@ def test_float32_in_tf32_where_torch_allows_it(backend, device, case):
     check(errors(result, oracle(case)), 2e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in hires_kernels.available_backends(),
+                    reason="needs the cuda backend on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_dw_clusters_equal_single_blocks(monkeypatch, dtype):
+    """On sm_90 the cuda backend's dW kernel runs its tiles in thread-block clusters (here
+    4 x 4 in bf16, 4 x 4 in float32) that share their operands through distributed shared
+    memory; the gradients are bitwise those of single blocks ($HIRES_CUDA_CLUSTERS=0) and
+    match the float64 oracle."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(6, 256, 16, 16, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(512, 256, device="cuda", generator=gen) / 16
+    gamma, beta = torch.rand(512, device="cuda", generator=gen) + 0.5, torch.randn(512, device="cuda", generator=gen)
+    g = torch.randn(6, 512, 8, 8, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+
+    def grads(fn, *args):
+        leaves = [t.detach().clone().requires_grad_() for t in args]
+        out = fn(*leaves, None, None, stride=2, training=True)
+        return torch.autograd.grad(out, leaves, g.to(out.dtype))
+
+    clustered = grads(lambda *a, **k: fused_projection(*a, **k, backend="cuda"), x, w, gamma, beta)
+    monkeypatch.setenv("HIRES_CUDA_CLUSTERS", "0")
+    single = grads(lambda *a, **k: fused_projection(*a, **k, backend="cuda"), x, w, gamma, beta)
+    assert all(torch.equal(a, b) for a, b in zip(clustered, single))
+    ref = grads(projection_reference, *(t.double() for t in (x, w, gamma, beta)))
+    assert rel_err(clustered[1], ref[1]) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.offset == 0][::2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend,device", BACKENDS)

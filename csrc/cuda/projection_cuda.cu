@@ -96,7 +96,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <cstdint>
 #include <type_traits>
@@ -1359,11 +1361,14 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
   // Clusters where the code that runs was built for sm_90 (a build for sm_80 run on a
-  // Hopper, from its PTX, has none: its cluster_sync is the block's barrier).
+  // Hopper, from its PTX, has none: its cluster_sync is the block's barrier), unless
+  // $HIRES_CUDA_CLUSTERS is 0 (read per call: the same partials from single blocks).
   cudaFuncAttributes built;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&built, dw_partial_kernel<scalar_t, acc_t>));
+  const char* clusters_env = std::getenv("HIRES_CUDA_CLUSTERS");
   unsigned cx = 1, cy = 1;
-  if (std::min(built.binaryVersion, built.ptxVersion) >= 90) {
+  if (std::min(built.binaryVersion, built.ptxVersion) >= 90 &&
+      !(clusters_env != nullptr && std::string(clusters_env) == "0")) {
     while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
     while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
   }
