@@ -57,15 +57,18 @@ def _check_python_types(x, stride):
         _fail(f"stride must be an integer >= 1, got {stride!r}")
 
 
-def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode):
+def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode,
+              cast=None):
     """The Python backends' copy of csrc/projection_args.h's check_forward: every
-    documented error, raised before any kernel runs or any state changes.
+    documented error, raised before any kernel runs or any state changes. ``cast``: the
+    dtype autocast will give x and residual before the call (they are checked as if cast).
 
     Messages are formatted only on failure: this runs on every call."""
+    x_dtype = x.dtype if cast is None else cast
     if x.dim() != 4:
         _fail(f"x must be a 4-D tensor [N, C_in, H, W], got {_shape(x)}")
-    if x.dtype not in _ACTIVATION_DTYPES:
-        _fail(f"x has dtype {x.dtype}; expected one of float32, bfloat16, float16, float64")
+    if x_dtype not in _ACTIVATION_DTYPES:
+        _fail(f"x has dtype {x_dtype}; expected one of float32, bfloat16, float16, float64")
     n, c_in, h, w = x.shape
     if n == 0:
         _fail("x is an empty batch (N == 0)")
@@ -107,7 +110,7 @@ def _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
     if residual is not None:
         if not (isinstance(residual, torch.Tensor) and residual.shape == (n, c_out, h_out, w_out)):
             _fail(f"residual must have shape [N, C_out, H', W']={[n, c_out, h_out, w_out]}, got {_shape(residual)}")
-        if residual.dtype != x.dtype:
+        if cast is None and residual.dtype != x.dtype:
             _fail(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
     for name, t in (("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
@@ -404,8 +407,9 @@ def check_call(x, weight, bn_weight, bn_bias, running_mean, running_var, residua
     without running it: callers of several projections check them all before the first
     call moves its statistics."""
     _check_python_types(x, stride)
-    x, residual = _autocast(x, residual)
-    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode)
+    cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    _validate(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, training, eps, ceil_mode,
+              cast)
 
 
 def fused_projections(

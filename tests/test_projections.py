@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hires_kernels
 from hires_kernels import HierarchicalProjection, fused_projections, pool_source, project_source
@@ -281,17 +282,33 @@ def test_project_source_checks_every_target_before_the_first_runs():
         torch.testing.assert_close(m.state_dict(), b)
 
 
+class _Casts(TorchDispatchMode):
+    """The shapes of the tensors that dtype casts (aten._to_copy) take."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._to_copy:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
 def test_fused_projections_under_autocast_take_what_fused_projection_takes():
     """An fp32 x with bf16 residuals under bf16 autocast: each target runs in bf16, as a
-    fused_projection call of the same arguments does."""
+    fused_projection call of the same arguments does. x itself is never cast: the targets'
+    checks take it as autocast will give it, and it is pooled in its own dtype."""
     src = Source()
     x, _, params = make(src, torch.float32)
     ws, gs, bs, rms, rvs = (list(ts) for ts in zip(*params))
     residuals = [torch.randn(src.n, c, *src.sizes(s)).bfloat16() for c, s in src.targets]
     strides = [s for _, s in src.targets]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as casts:
         outs = fused_projections(x, ws, gs, bs, [t.clone() for t in rms], [t.clone() for t in rvs], residuals,
                                  strides=strides, ceil_mode=True)
+    assert casts.shapes and tuple(x.shape) not in casts.shapes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         want = [hires_kernels.fused_projection(x, w, g, b, rm.clone(), rv.clone(), r, stride=s, ceil_mode=True)
                 for w, g, b, rm, rv, r, s in zip(ws, gs, bs, rms, rvs, residuals, strides)]
     for o, w in zip(outs, want):
