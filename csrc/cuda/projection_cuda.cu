@@ -1014,8 +1014,9 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     cluster_sync();  // every share of the step staged
 #pragma unroll 1
     for (int t = 0; t < L.sa * cy; ++t) {  // segment t: positions k0 + t KD .. + KD, in order
-      const scalar_t* A = cluster_peer(As, bx + cx * (t / L.sa)) + t % L.sa * ROWS * ld;
-      const scalar_t* B = cluster_peer(Bs, t / L.sb + cx * by) + t % L.sb * TN * ld;
+      const int a_by = t / L.sa, b_bx = t / L.sb;  // the blocks that staged it (own shares read locally)
+      const scalar_t* A = (a_by == by ? As : cluster_peer(As, bx + cx * a_by)) + t % L.sa * ROWS * ld;
+      const scalar_t* B = (b_bx == bx ? Bs : cluster_peer(Bs, b_bx + cx * by)) + t % L.sb * TN * ld;
       mma_chunk(acc, A, ld, B, ld, KD, f, tf32);
     }
     cluster_sync();  // every block done with the step's shares before they are restaged
@@ -1337,12 +1338,10 @@ struct DwLaunch {
 };
 
 // Whether the device can run clusters of config's size (non-portable beyond 8 blocks) of
-// kernel with config's shared memory; false, not an error, where it cannot.
+// kernel (its shared-memory limit already raised); false, not an error, where it cannot.
 template <typename F>
 bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, unsigned blocks) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)config.dynamicSmemBytes) !=
-          cudaSuccess ||
-      (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+  if (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -1372,6 +1371,12 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
     while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
     while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
   }
+  // The kernel's shared-memory limit: the most any cluster shape takes (4 x 1), one value per
+  // dtype, so that calls from several threads never lower it under each other's launches.
+  constexpr int kRows = kDwRows<scalar_t>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dw_partial_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      std::max(DwSmem(kRows, 4, 1, sizeof(scalar_t)).total,
+                                               DwSmem(kRows, 1, 4, sizeof(scalar_t)).total)));
   const int64_t want = cdiv(4 * sms, tiles_co * tiles_ci);
   const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
   for (;;) {
@@ -1387,11 +1392,7 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
     cluster.val.clusterDim.y = cy;
     cluster.val.clusterDim.z = 1;
     const cudaLaunchConfig_t config{d.grid, dim3(NT), (size_t)d.smem, 0, &cluster, 1};
-    if (cx * cy == 1) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(dw_partial_kernel<scalar_t, acc_t>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem));
-      return d;
-    }
+    if (cx * cy == 1) return d;
     if (d.smem <= smem_sm / 2 - 1024 && cluster_fits(dw_partial_kernel<scalar_t, acc_t>, config, cx * cy)) return d;
     if (cx >= cy)
       cx /= 2;
