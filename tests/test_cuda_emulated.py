@@ -389,6 +389,24 @@ CLUSTER_CASES = [((3, 256, 256, 9, 9, 1, "channels_last", torch.bfloat16), (2, 4
                  ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4))]
 
 
+def with_and_without_clusters(ops, problem, launches):
+    """The problem's kernels run as the launch choices pick them and with clusters off
+    (set_max_cluster(1): the device schedules none, so every launch falls back to single
+    blocks); asserts the results are bitwise equal and returns launches(ops) of each run."""
+    ops.traffic()
+    clustered = problem.run_kernels(ops)
+    with_clusters = launches(ops)
+    ops.set_max_cluster(1)
+    try:
+        single = problem.run_kernels(ops)
+        without = launches(ops)
+    finally:
+        ops.set_max_cluster(16)
+    for a, b in zip(torch.utils._pytree.tree_leaves(clustered), torch.utils._pytree.tree_leaves(single)):
+        assert torch.equal(a, b)
+    return with_clusters, without
+
+
 def dw_launch(ops) -> dict:
     """The dW kernel's launch among those since the last call (blocks, bytes)."""
     rows = [line.split() for line in ops.traffic().splitlines()]
@@ -410,26 +428,56 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
     n, c_in, c_out, h, w, s, how, dtype = case
     problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, seed=8)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
-    emulated_ops.traffic()
     clustered = problem.run_kernels(emulated_ops)
-    with_clusters = dw_launch(emulated_ops)
-    emulated_ops.set_max_cluster(1)
-    try:
-        single = problem.run_kernels(emulated_ops)
-        without = dw_launch(emulated_ops)
-    finally:
-        emulated_ops.set_max_cluster(16)
+    with_clusters, without = with_and_without_clusters(emulated_ops, problem, dw_launch)
     monkeypatch.setenv("HIRES_CUDA_CLUSTERS", "0")
     switched_off = problem.run_kernels(emulated_ops)
     assert dw_launch(emulated_ops) == without
-    for a, b, c in zip(*(torch.utils._pytree.tree_leaves(r) for r in (clustered, single, switched_off))):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in (clustered, switched_off))):
+        assert torch.equal(a, b)
     m, e = n * (h // s) * (w // s), torch.finfo(dtype).bits // 8
     tiles_co, tiles_ci = -(-c_out // (128 if dtype == torch.bfloat16 else 64)), -(-c_in // 64)
     assert tiles_co % cluster[0] == 0 and tiles_ci % cluster[1] == 0 and with_clusters["blocks"] == without["blocks"]
     dy, p = m * c_out * e, m * c_in * e
     assert with_clusters["act_read"] == dy * (tiles_ci // cluster[1]) + p * (tiles_co // cluster[0])
     assert without["act_read"] == dy * tiles_ci + p * tiles_co
+
+
+# (N, C_in, C_out, H, W, stride, layout, dtype, training) -> blocks per row tile: 2 (C_out a
+# multiple of 128, not of 256) and 4; channels_last runs of channels, NCHW windows of x at
+# stride 4 (float32: 4 positions a run), stride 1 with the shift (float64), eval from x.
+ROW_CLUSTER_CASES = [((2, 32, 128, 8, 8, 2, "channels_last", torch.bfloat16, True), 2),
+                     ((2, 64, 256, 16, 16, 4, "nchw", torch.float32, True), 4),
+                     ((3, 64, 128, 6, 6, 1, "channels_last", torch.float64, False), 2),
+                     ((2, 64, 256, 8, 8, 2, "nchw", torch.float16, False), 4)]
+
+
+def row_launches(ops) -> list[tuple[int, int, int, int]]:
+    """(blocks, blocks per cluster, activation bytes read, written) of each row-kernel launch
+    since the last call."""
+    rows = [line.split() for line in ops.traffic().splitlines()]
+    return [(int(r[1]), int(r[12]), int(r[4]), int(r[5])) for r in rows if r[0] == "rows_kernel"]
+
+
+@pytest.mark.parametrize("case,cs", ROW_CLUSTER_CASES,
+                         ids=["{}x{}x{}x{}->{}-s{}-{}-{}-{}".format(*c[0][:2], *c[0][3:5], c[0][2], *c[0][5:7],
+                                                                      str(c[0][7]).split(".")[1],
+                                                                      "train" if c[0][8] else "eval")
+                              for c in ROW_CLUSTER_CASES])
+def test_emulated_row_clusters_equal_single_blocks(emulated_ops, case, cs):
+    """Row tiles too few for 2 waves split over a thread-block cluster of cs blocks along
+    C_out: each pools its share of the input channels, copies the others' from them, and runs
+    its own output channels (in BWD_DX, gathers dy likewise and writes its channels of
+    grad_x). Against single blocks (set_max_cluster(1)): the same activation bytes per launch
+    (x read once, every output written once), bitwise the same results, both within the
+    oracle's bound."""
+    n, c_in, c_out, h, w, s, how, dtype, training = case
+    problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, training=training, seed=9)
+    check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
+    with_clusters, without = with_and_without_clusters(emulated_ops, problem, row_launches)
+    assert [r[1] for r in with_clusters] == [cs] * len(with_clusters) and all(r[1] == 1 for r in without)
+    assert [r[0] for r in with_clusters] == [cs * r[0] for r in without]
+    assert [r[2:] for r in with_clusters] == [r[2:] for r in without]
 
 
 # NCHW (N, C_in, C_out, H, W, stride, ceil, training) whose windows tile 16-byte runs of x's

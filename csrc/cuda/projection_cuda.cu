@@ -20,7 +20,11 @@
 // tensor cores for bf16/fp16 (mma.sync m16n8k16, fp32 accumulators, the weight rounded to
 // x's dtype as eager autocast does); for fp32 on them too (mma.sync m16n8k8 .tf32) where
 // torch allows TF32 for float32 matmuls, else as IEEE FMAs on the same fragment layout, as
-// for fp64. y never leaves the block.
+// for fp64. y never leaves the block. Where 16-row tiles give under 2 waves (the H' = 4
+// shapes), a tile is shared by a thread-block cluster of cs = 2 or 4 blocks (sm_90: Share,
+// row_launch): each pools 1 / cs of the input channels, copies the rest of P from the others
+// (distributed shared memory) and runs 1 / cs of the C_out blocks; BWD_DX gathers dy the same
+// way and each block writes its 1 / cs of grad_x's channels. Every byte still moves once.
 //
 // Bytes per launch (the emulated tests count them, see tests/test_cuda_traffic.py):
 // S0 shift_kernel      shift[c] = mean of x[0, c, :s, :s]: C_in s^2 e.
@@ -79,8 +83,8 @@
 // in the statistics pass), in runs of channels, go global -> shared by cp.async.
 // Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip
 // (folded into B3, the fp32 dW held across a cluster's shared memory over many row tiles:
-// bench/results/cuda_traffic.md, "Why dW is not fused into B3 yet"); grids of 2 waves where
-// M / 16 < 528 (the H' = 4 shapes at N = 256) and in B4.
+// bench/results/cuda_traffic.md, "Why dW is not fused into B3 yet"); B4 grids of 2 waves
+// where M is small (more splits would add fp32 workspace traffic).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -357,6 +361,7 @@ struct RowArgs {
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
   int C_in, C_out, Ho, Wo, tm;
+  int cs;                         // blocks per row tile (a cluster along C_out: Share), 1, 2 or 4
   bool tf32;                      // float32 GEMMs in TF32 (tf32_allowed)
   int64_t M;
   const acc_t* mean;              // [C_out] (APPLY, BWD_*); eval forward: running_mean
@@ -533,7 +538,7 @@ struct Run {
   }
 };
 
-// Ps[r][k] = p(m0 + r, k) for r < rows, k < C (0 elsewhere up to kin): the window mean of
+// Ps[r][k] = p(m0 + r, k) for r < rows, k in [k_lo, k_hi) (0 at k >= C and r >= rows): the window mean of
 // (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Each thread
 // takes a run of g elements (src_vec: 16-byte runs of channels, or at s = 1 of positions;
 // WINDOWS: the VW / s positions whose windows one 16-byte run of a pixel row covers; else
@@ -542,16 +547,17 @@ struct Run {
 // positions, are multiples of g.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, scalar_t* Ps, const int* rn,
-                          const int* rh, const int* rw, int rows) {
+                          const int* rh, const int* rw, int rows, int k_lo, int k_hi) {
   constexpr int VW = Vec16<scalar_t>::n;
   const bool windows = a.src_vec == WINDOWS;
-  const int kin = L.kin, g = a.src_vec == ELEMENTS ? 1 : windows ? VW / a.s : VW;
+  const int width = k_hi - k_lo, g = a.src_vec == ELEMENTS ? 1 : windows ? VW / a.s : VW;
   const bool along_k = a.src_vec == CHANNELS || (a.src_vec == ELEMENTS && a.src_cfast);
   // At s = 1 without a shift (`pooled`, or the saved pooled input) the tile is src as it is:
   // runs of channels go by cp.async.
   const bool as_is = a.s == 1 && a.shift == nullptr && a.pooled.ptr == nullptr && a.src_vec == CHANNELS;
-  for (int e = threadIdx.x; e < a.tm * kin / g; e += NT) {
-    const Run u(e, g, along_k, a.tm, kin);
+  for (int e = threadIdx.x; e < a.tm * width / g; e += NT) {
+    Run u(e, g, along_k, a.tm, width);
+    u.c += k_lo;
     if (as_is && u.r < rows && u.c < a.C_in) {
       copy_run_async(Ps + u.r * L.ldp + u.c, a.src.ptr + a.src.offset(rn[u.r], u.c, rh[u.r], rw[u.r]));
       continue;
@@ -603,6 +609,45 @@ __device__ void load_rows(const RowArgs<scalar_t, acc_t>& a, const RowSmem& L, s
   if (as_is) copy_async_wait();
 }
 
+// The part of a row tile a block owns: with cs = RowArgs::cs blocks per tile (a thread-block
+// cluster, cs > 1 where C_out is a multiple of 64 cs and C_in of 16 cs), block h of the tile's
+// cluster owns the output channels [co_lo, co_hi) (its GEMMs and epilogues) and the input
+// channels [ci_lo, ci_hi) (it pools them into its tile, and writes their grad_x); the other
+// blocks' columns of the input tile, and in BWD_DX of dy, it copies from them
+// (gather_columns). With cs = 1 all of them, ci_pad = kin (the tile's zero padding).
+struct Share {
+  int64_t tile;
+  int h, co_lo, co_hi, ci_lo, ci_hi, ci_pad;
+  __device__ Share(int cs, int C_in, int C_out, int kin) {
+    tile = blockIdx.x / cs;
+    h = blockIdx.x % cs;
+    co_lo = h * (C_out / cs);
+    co_hi = co_lo + C_out / cs;
+    ci_lo = h * (C_in / cs);
+    ci_hi = ci_lo + C_in / cs;
+    ci_pad = cs == 1 ? kin : ci_hi;
+  }
+};
+
+// T (rows_n x ld in shared memory, the same in every block of the cluster): the columns
+// [r width, (r + 1) width) of every other block r copied from it (distributed shared memory),
+// in 16-byte runs (width, ld and T's offset are multiples of 16 bytes). Between two cluster
+// barriers: the first publishes every block's own columns, the second keeps each block (and
+// its shared memory) until the others have copied from it.
+template <typename scalar_t>
+__device__ void gather_columns(scalar_t* T, int ld, int rows_n, int width, int h, int cs) {
+  using Vec = Vec16<scalar_t>;
+  const int runs = width / Vec::n;
+  cluster_sync();
+  for (int e = threadIdx.x; e < (cs - 1) * rows_n * runs; e += NT) {
+    const int j = e % runs, r = e / runs % rows_n, k = e / (runs * rows_n);
+    const int rank = k + (k >= h);
+    const int at = r * ld + rank * width + j * Vec::n;
+    *reinterpret_cast<Vec*>(T + at) = *reinterpret_cast<const Vec*>(cluster_peer(T, rank) + at);
+  }
+  cluster_sync();
+}
+
 template <typename scalar_t, typename acc_t, int EPI>
 __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a) {
   HIRES_DYNAMIC_SHARED(smem);
@@ -617,7 +662,8 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   scalar_t* Ds = reinterpret_cast<scalar_t*>(smem + L.ds);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
 
-  const int64_t m0 = (int64_t)blockIdx.x * a.tm;
+  const Share sh(a.cs, a.C_in, a.C_out, L.kin);
+  const int64_t m0 = sh.tile * a.tm;
   const int rows = (int)(a.M - m0 < a.tm ? a.M - m0 : a.tm);
   const int64_t hw = (int64_t)a.Ho * a.Wo;
   if (threadIdx.x < a.tm) {  // the only divisions by the geometry: once per row
@@ -628,11 +674,14 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
     rw[threadIdx.x] = (int)(rem - rem / a.Wo * a.Wo);
   }
   __syncthreads();
-  load_rows(a, L, Ps, rn, rh, rw, rows);
-  __syncthreads();
+  load_rows(a, L, Ps, rn, rh, rw, rows, sh.ci_lo, sh.ci_pad);
+  if (a.cs > 1)
+    gather_columns(Ps, L.ldp, a.tm, a.C_in / a.cs, sh.h, a.cs);
+  else
+    __syncthreads();
 
   const Frag f(a.tm);
-  for (int64_t co0 = 0; co0 < a.C_out; co0 += TN) {
+  for (int64_t co0 = sh.co_lo; co0 < sh.co_hi; co0 += TN) {
     if (EPI != FWD_STATS && threadIdx.x < TN) {  // per-column constants (visible after gemm_weight's barriers)
       const int64_t co = co0 + threadIdx.x;
       acc_t mean = 0, rstd = 0, scale = 0, beta = 0, db = 0, dg = 0;
@@ -641,7 +690,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
         if (a.eval_shift != nullptr) {
           // Running statistics describe W x; the kernels see W (x - shift).
           for (int k = 0; k < a.C_in; ++k) mean -= load_param(a.weight + co * a.C_in + k) * load_param(a.eval_shift + k);
-          if (blockIdx.x == 0) {
+          if (sh.tile == 0) {
             store_param(a.mean_out + co, mean);
             store_param(a.var_out + co, load_param(a.var + co));
           }
@@ -707,8 +756,8 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
             s1 += g * ((Ys[r * PITCH + c] - c_mean[c]) * c_rstd[c]);
           }
         }
-        store_act(a.part0 + (int64_t)blockIdx.x * a.C_out + co, s0);
-        store_act(a.part1 + (int64_t)blockIdx.x * a.C_out + co, s1);
+        store_act(a.part0 + sh.tile * a.C_out + co, s0);
+        store_act(a.part1 + sh.tile * a.C_out + co, s1);
       }
     } else {
       // Runs of g elements (out_vec for FWD_APPLY, grad_vec for BWD_DX: 16-byte runs of
@@ -769,12 +818,13 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
     __syncthreads();
   }
   if (EPI != BWD_DX) return;
+  if (a.cs > 1) gather_columns(Ds, L.ldd, a.tm, a.C_out / a.cs, sh.h, a.cs);
 
   // dp = dy W for each block of 64 input channels, scattered to grad_x: every pooled position
   // writes its own window with dp / count (the last row / column of windows also writes the
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
-  for (int64_t ci0 = 0; ci0 < a.C_in; ci0 += TN) {
-    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, a.C_in, Bs, f, a.tf32);
+  for (int64_t ci0 = sh.ci_lo; ci0 < sh.ci_hi; ci0 += TN) {
+    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, sh.ci_hi, Bs, f, a.tf32);
     // Runs of g elements where grad_x takes them (16-byte runs of channels, or at stride 1
     // of positions, or WINDOWS: the VW / s positions whose windows one 16-byte run of a
     // pixel row covers; else g = 1).
@@ -785,7 +835,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
       const Run u(e, g, a.grad_x_vec == CHANNELS || (a.grad_x_vec == ELEMENTS && a.act_cfast), a.tm, TN);
       const int r = u.r;
       const int64_t ci = ci0 + u.c;
-      if (r >= rows || ci >= a.C_in) continue;  // a run is wholly in or out
+      if (r >= rows || ci >= sh.ci_hi) continue;  // a run is wholly in or out
       // The run's windows: one (a run of channels), or at stride 1 one pixel each (a run of
       // positions, stored from its first), or WINDOWS whole windows side by side in one row
       // of windows (the same h range and count for each, stored from the first one's w0).
@@ -1295,47 +1345,16 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// Rows per block of the row kernels: 64, halved (down to 16) while the grid has fewer
-// than 2 waves of 2 blocks per SM or the shared memory exceeds what 2 blocks per SM
-// leave each; then the largest that fits at all.
-struct RowLaunch {
-  int tm, smem;
-  int64_t tiles;
-};
-
-RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size, int elt_size, int device) {
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  auto bytes = [&](int tm) { return RowSmem(tm, C_in, C_out, with_dy, acc_size, elt_size).total; };
-  int tm = 64;
-  while (tm > 16 && (cdiv(M, tm) < 4 * (int64_t)sms || bytes(tm) > smem_sm / 2 - 1024)) tm /= 2;
-  TORCH_CHECK(bytes(tm) <= smem_max, "projection (cuda): C_in=", C_in, ", C_out=", C_out,
-              " need ", bytes(tm), " bytes of shared memory per block; the device has ", smem_max);
-  // Runs of up to 8 positions (16 bytes) never cross a tile: tm is 16, 32 or 64.
-  TORCH_CHECK(tm % 8 == 0, "projection (cuda): internal error: row tile of ", tm, " positions");
-  return {tm, bytes(tm), cdiv(M, tm)};
+// Whether launches may use thread-block clusters: the code that runs was built for sm_90 (a
+// build for sm_80 run on a Hopper, from its PTX, has none: its cluster_sync is the block's
+// barrier), and $HIRES_CUDA_CLUSTERS is not 0 (read per call: the same results, bitwise,
+// from single blocks).
+bool clusters_enabled() {
+  cudaFuncAttributes built;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, fwd_finalize_kernel<float>));
+  const char* env = std::getenv("HIRES_CUDA_CLUSTERS");
+  return std::min(built.binaryVersion, built.ptxVersion) >= 90 && !(env != nullptr && std::string(env) == "0");
 }
-
-template <typename scalar_t, typename acc_t, int EPI>
-void launch_rows(const RowArgs<scalar_t, acc_t>& k, const RowLaunch& l, cudaStream_t stream) {
-  TORCH_CHECK(l.tiles <= INT32_MAX, "projection (cuda): problem too large for the grid");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(rows_kernel<scalar_t, acc_t, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      l.smem));
-  rows_kernel<scalar_t, acc_t, EPI><<<(unsigned)l.tiles, NT, l.smem, stream>>>(k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The dW kernel's launch: tiles of kDwRows x 64 channels, split over m (2 waves of tiles, at
-// least 256 positions per split, whole steps of the kernel), and on sm_90 clusters of cx x cy
-// tiles of a split that share their operands: the largest (up to 4 x 4) that tile the grid,
-// leave 2 blocks per SM their shared memory and that the device can schedule
-// (cudaOccupancyMaxActiveClusters), halving the longer side until they do; 1 x 1 otherwise.
-struct DwLaunch {
-  dim3 grid, cluster;
-  int smem;
-  int64_t chunk;
-};
 
 // Whether the device can run clusters of config's size (non-portable beyond 8 blocks) of
 // kernel (its shared-memory limit already raised); false, not an error, where it cannot.
@@ -1353,21 +1372,81 @@ bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, unsigned blocks) 
   return clusters > 0;
 }
 
+// A launch configuration in clusters of (cx, cy, 1) blocks (none for 1 x 1), and its attribute.
+struct ClusterLaunch {
+  cudaLaunchAttribute attribute;
+  cudaLaunchConfig_t config;
+  ClusterLaunch(dim3 grid, unsigned cx, unsigned cy, int smem, cudaStream_t stream) {
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cx;
+    attribute.val.clusterDim.y = cy;
+    attribute.val.clusterDim.z = 1;
+    config = cudaLaunchConfig_t{grid, dim3(NT), (size_t)smem, stream, &attribute, cx * cy > 1 ? 1u : 0u};
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config points at attribute
+};
+
+// Rows per block of the row kernels: 64, halved (down to 16) while the grid has fewer
+// than 2 waves of 2 blocks per SM or the shared memory exceeds what 2 blocks per SM
+// leave each; then the largest that fits at all. Where 16-row tiles still give under 2
+// waves (M / 16 < 4 SMs: the H' = 4 shapes), cs = 2 or 4 blocks per tile (Share), the
+// fewest that reach 2 waves, where the channels split evenly (launch_rows keeps those the
+// device can schedule).
+struct RowLaunch {
+  int tm, smem, cs;
+  int64_t tiles;
+};
+
+RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size, int elt_size, int device) {
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  auto bytes = [&](int tm) { return RowSmem(tm, C_in, C_out, with_dy, acc_size, elt_size).total; };
+  int tm = 64;
+  while (tm > 16 && (cdiv(M, tm) < 4 * (int64_t)sms || bytes(tm) > smem_sm / 2 - 1024)) tm /= 2;
+  TORCH_CHECK(bytes(tm) <= smem_max, "projection (cuda): C_in=", C_in, ", C_out=", C_out,
+              " need ", bytes(tm), " bytes of shared memory per block; the device has ", smem_max);
+  // Runs of up to 8 positions (16 bytes) never cross a tile: tm is 16, 32 or 64.
+  TORCH_CHECK(tm % 8 == 0, "projection (cuda): internal error: row tile of ", tm, " positions");
+  const int64_t tiles = cdiv(M, tm);
+  int cs = 1;
+  if (tiles < 4 * (int64_t)sms && clusters_enabled())
+    while (cs < 4 && tiles * cs < 4 * (int64_t)sms && C_out % (64 * 2 * cs) == 0 && C_in % (16 * 2 * cs) == 0) cs *= 2;
+  return {tm, bytes(tm), cs, tiles};
+}
+
+template <typename scalar_t, typename acc_t, int EPI>
+void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t stream) {
+  const auto kernel = rows_kernel<scalar_t, acc_t, EPI>;
+  TORCH_CHECK(l.tiles * l.cs <= INT32_MAX, "projection (cuda): problem too large for the grid");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem));
+  k.cs = l.cs;
+  while (k.cs > 1 && !cluster_fits(kernel, ClusterLaunch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream).config,
+                                   k.cs))
+    k.cs /= 2;
+  const ClusterLaunch launch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, rows_kernel<scalar_t, acc_t, EPI>, k));
+}
+
+// The dW kernel's launch: tiles of kDwRows x 64 channels, split over m (2 waves of tiles, at
+// least 256 positions per split, whole steps of the kernel), and on sm_90 clusters of cx x cy
+// tiles of a split that share their operands: the largest (up to 4 x 4) that tile the grid,
+// leave 2 blocks per SM their shared memory and that the device can schedule
+// (cudaOccupancyMaxActiveClusters), halving the longer side until they do; 1 x 1 otherwise.
+struct DwLaunch {
+  dim3 grid, cluster;
+  int smem;
+  int64_t chunk;
+};
+
 template <typename scalar_t, typename acc_t>
 DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
-  // Clusters where the code that runs was built for sm_90 (a build for sm_80 run on a
-  // Hopper, from its PTX, has none: its cluster_sync is the block's barrier), unless
-  // $HIRES_CUDA_CLUSTERS is 0 (read per call: the same partials from single blocks).
-  cudaFuncAttributes built;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, dw_partial_kernel<scalar_t, acc_t>));
-  const char* clusters_env = std::getenv("HIRES_CUDA_CLUSTERS");
   unsigned cx = 1, cy = 1;
-  if (std::min(built.binaryVersion, built.ptxVersion) >= 90 &&
-      !(clusters_env != nullptr && std::string(clusters_env) == "0")) {
+  if (clusters_enabled()) {
     while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
     while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
   }
@@ -1386,14 +1465,10 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
     const int64_t span = KD * std::max(cx, cy);  // a step's positions
     d.chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), span) * span;
     d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = cx;
-    cluster.val.clusterDim.y = cy;
-    cluster.val.clusterDim.z = 1;
-    const cudaLaunchConfig_t config{d.grid, dim3(NT), (size_t)d.smem, 0, &cluster, 1};
     if (cx * cy == 1) return d;
-    if (d.smem <= smem_sm / 2 - 1024 && cluster_fits(dw_partial_kernel<scalar_t, acc_t>, config, cx * cy)) return d;
+    if (d.smem <= smem_sm / 2 - 1024 &&
+        cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, cx, cy, d.smem, 0).config, cx * cy))
+      return d;
     if (cx >= cy)
       cx /= 2;
     else
@@ -1648,14 +1723,8 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     const DwLaunch d = dw_launch<scalar_t, acc_t>(M, C_in, C_out, device);
     const int64_t splits = d.grid.z;
     at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = d.cluster.x;
-    cluster.val.clusterDim.y = d.cluster.y;
-    cluster.val.clusterDim.z = 1;
-    const cudaLaunchConfig_t config{d.grid, dim3(NT), (size_t)d.smem, stream, &cluster,
-                                    d.cluster.x * d.cluster.y > 1 ? 1u : 0u};
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, dw_partial_kernel<scalar_t, acc_t>, k.dy, k.src, sub, k.src_cfast,
+    const ClusterLaunch launch(d.grid, d.cluster.x, d.cluster.y, d.smem, stream);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, dw_partial_kernel<scalar_t, acc_t>, k.dy, k.src, sub, k.src_cfast,
                                       C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
                                       (int)Wo, M, d.chunk, (int)d.cluster.x, (int)d.cluster.y, k.tf32,
                                       ws.data_ptr<acc_t>()));
