@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash bench/gpu_check.sh [tests|bench|graphs|compile|all]     (default: all)
 #
 # `all` builds, tests, then times the bf16 op cases (and the cuda backend's fwd+bwd again with
-# its dW kernel in single blocks, HIRES_CUDA_CLUSTERS=0), the eager model steps and, when the
+# its kernels in single blocks, HIRES_CUDA_CLUSTERS=0), the eager model steps and, when the
 # time left allows and timm is installed, timm's ResNet-D before and after fuse().
 # Not in `all`, to keep that within one call: `graphs` runs the GPU-only training tests
 # (a few steps of `hires train --cuda-graphs` with no host sync in the step); `compile`
@@ -77,8 +77,8 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   stage bench_op_bf16 "${BENCH_LIMIT:-150}" python3 -m pytest bench/test_bench_projection.py -q -p no:cacheprovider \
     -m gpu -k "bf16cl and not compile" --benchmark-max-time=0.1 --benchmark-min-rounds=20 \
     --benchmark-json="$OUT/gpu_op_bf16.json"
-  # The cuda backend's train fwd+bwd with its dW kernel in single blocks: against the run
-  # above (thread-block clusters), whether sharing operands across a cluster pays in time.
+  # The cuda backend's train fwd+bwd with its kernels in single blocks: against the run above
+  # (thread-block clusters: dW everywhere, row tiles on the H' = 4 shapes), whether they pay.
   HIRES_CUDA_CLUSTERS=0 stage bench_op_bf16_no_clusters "${NOCLUSTER_LIMIT:-60}" python3 -m pytest \
     bench/test_bench_projection.py -q -p no:cacheprovider -m gpu -k "bf16cl and fwdbwd and cuda and not compile" \
     --benchmark-max-time=0.1 --benchmark-min-rounds=20 --benchmark-json="$OUT/gpu_op_bf16_no_clusters.json"

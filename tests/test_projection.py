@@ -45,11 +45,11 @@ def test_float32_in_tf32_where_torch_allows_it(backend, device, case):
 @pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in hires_kernels.available_backends(),
                     reason="needs the cuda backend on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_dw_clusters_equal_single_blocks(monkeypatch, dtype):
+def test_cuda_clusters_equal_single_blocks(monkeypatch, dtype):
     """On sm_90 the cuda backend's dW kernel runs its tiles in thread-block clusters (here
-    4 x 4 in bf16, 4 x 4 in float32) that share their operands through distributed shared
-    memory; the gradients are bitwise those of single blocks ($HIRES_CUDA_CLUSTERS=0) and
-    match the float64 oracle."""
+    4 x 4) that share their operands through distributed shared memory, and its row kernels
+    share each of this batch's few row tiles among a cluster of 4 blocks; the gradients are
+    bitwise those of single blocks ($HIRES_CUDA_CLUSTERS=0) and match the float64 oracle."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(6, 256, 16, 16, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)

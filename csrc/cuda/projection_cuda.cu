@@ -100,6 +100,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -1349,11 +1350,18 @@ int device_attribute(cudaDeviceAttr attr, int device) {
 // build for sm_80 run on a Hopper, from its PTX, has none: its cluster_sync is the block's
 // barrier), and $HIRES_CUDA_CLUSTERS is not 0 (read per call: the same results, bitwise,
 // from single blocks).
-bool clusters_enabled() {
-  cudaFuncAttributes built;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, fwd_finalize_kernel<float>));
+bool clusters_enabled(int device) {
+  static std::atomic<int> built_for[64];  // per device: the loaded code's arch (0: not asked yet)
+  const bool cached = device >= 0 && device < 64;
+  int arch = cached ? built_for[device].load() : 0;
+  if (arch == 0) {
+    cudaFuncAttributes built;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&built, fwd_finalize_kernel<float>));
+    arch = std::min(built.binaryVersion, built.ptxVersion);
+    if (cached) built_for[device] = arch;
+  }
   const char* env = std::getenv("HIRES_CUDA_CLUSTERS");
-  return std::min(built.binaryVersion, built.ptxVersion) >= 90 && !(env != nullptr && std::string(env) == "0");
+  return arch >= 90 && !(env != nullptr && std::string(env) == "0");
 }
 
 // Whether the device can run clusters of config's size (non-portable beyond 8 blocks) of
@@ -1394,6 +1402,8 @@ struct ClusterLaunch {
 // device can schedule).
 struct RowLaunch {
   int tm, smem, cs;
+  int smem_limit;  // the kernels' raised limit: the device's per-block maximum, one value so that
+                   // concurrent calls never lower it under each other's launches
   int64_t tiles;
 };
 
@@ -1410,16 +1420,16 @@ RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size,
   TORCH_CHECK(tm % 8 == 0, "projection (cuda): internal error: row tile of ", tm, " positions");
   const int64_t tiles = cdiv(M, tm);
   int cs = 1;
-  if (tiles < 4 * (int64_t)sms && clusters_enabled())
+  if (tiles < 4 * (int64_t)sms && clusters_enabled(device))
     while (cs < 4 && tiles * cs < 4 * (int64_t)sms && C_out % (64 * 2 * cs) == 0 && C_in % (16 * 2 * cs) == 0) cs *= 2;
-  return {tm, bytes(tm), cs, tiles};
+  return {tm, bytes(tm), cs, smem_max, tiles};
 }
 
 template <typename scalar_t, typename acc_t, int EPI>
 void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t stream) {
   const auto kernel = rows_kernel<scalar_t, acc_t, EPI>;
   TORCH_CHECK(l.tiles * l.cs <= INT32_MAX, "projection (cuda): problem too large for the grid");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_limit));
   k.cs = l.cs;
   while (k.cs > 1 && !cluster_fits(kernel, ClusterLaunch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream).config,
                                    k.cs))
@@ -1446,7 +1456,7 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
   unsigned cx = 1, cy = 1;
-  if (clusters_enabled()) {
+  if (clusters_enabled(device)) {
     while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
     while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
   }
