@@ -1,4 +1,5 @@
-"""The CUDA kernels (csrc/cuda/*.cu) compile for Hopper (sm_90), with the flags that
+"""The CUDA kernels (csrc/cuda/*.cu) compile for Hopper (sm_90), and for sm_80 (setup.py's
+other default arch, without thread-block clusters), with the flags that
 torch's CUDAExtension passes in setup.py, even where no GPU (or only a CPU torch) is
 present: a compile-only check (nvcc -c into a temporary directory, nothing is linked
 or loaded). Skipped only where nvcc is missing.
@@ -68,10 +69,14 @@ def torch_include_dirs() -> list[str]:
 NVCC = find_nvcc()
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found ($CUDA_HOME, $CUDA_PATH, PATH, /usr/local/cuda): "
-                                         "the CUDA kernels cannot be compiled here")
-@pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(s) for s in SOURCES])
-def test_cuda_source_compiles_for_sm90(source, tmp_path):
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found ($CUDA_HOME, $CUDA_PATH, PATH, "
+                                                    "/usr/local/cuda): the CUDA kernels cannot be compiled here")
+each_source = pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(s) for s in SOURCES])
+
+
+def compile_cuda(source: str, arch: str, tmp_path) -> str:
+    """nvcc -c of source for one arch (e.g. "90"), with setup.py's and CUDAExtension's flags,
+    the ptxas report and the PTX kept in tmp_path; asserts it compiles and returns the log."""
     includes = torch_include_dirs() + [sysconfig.get_paths()["include"]]
     cuda_inc = cuda_include_dir(NVCC)
     if cuda_inc:
@@ -87,7 +92,7 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
         NVCC, "-c", source, "-o", str(tmp_path / (os.path.basename(source) + ".o")),
         # what setup.py asks for
         "-O3", "-std=c++17", "-lineinfo", "-DHIRES_WITH_CUDA",
-        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", f"arch=compute_{arch},code=sm_{arch}",
         # what torch's CUDAExtension adds (COMMON_NVCC_FLAGS and the extension defines)
         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
@@ -101,8 +106,28 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
     took = time.monotonic() - start
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed ({took:.0f} s):\n{' '.join(cmd)}\n{log[-20000:]}"
+    print(f"{os.path.basename(source)}: compiled for sm_{arch} in {took:.0f} s")
+    return log
+
+
+@needs_nvcc
+@each_source
+def test_cuda_source_compiles_for_sm80_without_clusters(source, tmp_path):
+    """setup.py builds for sm_80 too (TORCH_CUDA_ARCH_LIST 8.0;9.0): there the cluster
+    helpers are the block's own barrier and memory, the kernels spill nothing, and no
+    cluster instruction is emitted (the host launches no clusters to such code)."""
+    kernels = ptxas_report(compile_cuda(source, "80", tmp_path))
+    assert kernels and not {name: spill for name, (_, spill) in kernels.items()
+                            if spill and ("rows_kernel" in name or "dw_partial_kernel" in name)}
+    ptx = "".join(open(p).read() for p in glob.glob(str(tmp_path / "*.ptx")))
+    assert "barrier.cluster" not in ptx and "mapa" not in ptx
+
+
+@needs_nvcc
+@each_source
+def test_cuda_source_compiles_for_sm90(source, tmp_path):
+    log = compile_cuda(source, "90", tmp_path)
     kernels = ptxas_report(log)
-    print(f"{os.path.basename(source)}: compiled for sm_90 in {took:.0f} s")
     for name, (regs, spill) in sorted(kernels.items()):
         print(f"  {regs:4d} registers, {spill:3d} spill bytes  {name}")
     assert kernels, "no ptxas report in the log"
