@@ -93,6 +93,7 @@ inline size_t emu_smem_bytes = 0;
 // dynamic shared memory, as the same address in the block of rank `rank` (map_shared_rank).
 inline std::atomic<bool> emu_bad_peer{false};
 inline void cluster_sync() { emu_cluster_barrier->arrive_and_wait(); }
+inline void require_clusters(int) {}  // the emulated kernels are "built" for sm_90
 template <typename T>
 T* cluster_peer(T* p, int rank) {
   const auto* at = reinterpret_cast<const unsigned char*>(p);
@@ -221,9 +222,10 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerMultiprocessor
 };
 inline int emu_sm_count = 132;  // set_sm_count: small grids then take the large-problem launch choices
+inline int emu_smem_optin = 232448;  // set_smem_optin: a block's most (an SM has 1 KiB more)
 inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count
-           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 233472;
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu_smem_optin : emu_smem_optin + 1024;
   return 0;
 }
 // The emulated kernels are "built" for sm_90 (clusters available).
@@ -252,15 +254,17 @@ template <typename F>
 const void* emu_kernel_id(F* kernel) {
   return reinterpret_cast<const void*>(kernel);
 }
+// A limit over what the device gives a block is refused (cudaErrorInvalidValue, 1).
 template <typename F>
 int cudaFuncSetAttribute(F* kernel, int attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && value > emu_smem_optin) return 1;
   const std::lock_guard<std::mutex> lock(emu_dynamic_smem_mutex);
   if (!emu_honour_attributes) return 0;
   if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) emu_dynamic_smem_limit[emu_kernel_id(kernel)] = value;
   if (attribute == cudaFuncAttributeNonPortableClusterSizeAllowed) emu_non_portable[emu_kernel_id(kernel)] = value != 0;
   return 0;
 }
-#define C10_CUDA_CHECK(expr) ((void)(expr))
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == 0, "emulated CUDA call failed: " #expr)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
 // cudaLaunchKernelEx's configuration, the cluster dimension its one attribute used here.
@@ -428,6 +432,7 @@ inline void emu_set_honour_attributes(bool on) {
   emu_non_portable.clear();
 }
 inline void emu_set_max_cluster(int64_t blocks) { emu_max_cluster = static_cast<int>(blocks); }
+inline void emu_set_smem_optin(int64_t bytes) { emu_smem_optin = static_cast<int>(bytes); }
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
@@ -436,6 +441,7 @@ TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("set_sm_count", &emu_set_sm_count);
   m.def("set_honour_attributes", &emu_set_honour_attributes);
   m.def("set_max_cluster", &emu_set_max_cluster);
+  m.def("set_smem_optin", &emu_set_smem_optin);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_cuda_emulated import Problem, Source, build_emulated_ops, emulated_ops  # noqa: E402,F401
+from test_cuda_emulated import Problem, Source, build_emulated_ops, check, emulated_ops  # noqa: E402,F401
 
 # (C_in, H, C_out, H', N): SPEC §4.
 SPEC_SHAPES = [(64, 32, 128, 16, 256), (64, 32, 256, 8, 256), (64, 32, 512, 4, 256), (128, 16, 256, 8, 256),
@@ -224,6 +224,22 @@ def test_cluster_launches_over_8_blocks_allow_non_portable_sizes(emulated_ops):
             full_size_launches(emulated_ops, shape)
     finally:
         emulated_ops.set_honour_attributes(True)
+
+
+def test_every_launch_fits_a_device_with_99_kib_of_shared_memory_per_block(emulated_ops):
+    """sm_86 / sm_89 GPUs (which run the sm_80 build) give a block at most 99 KiB of shared
+    memory and refuse a kernel limit raised past it. With clusters off (such code has none)
+    every launch of a float64 call, forward and backward, keeps within it, and matches the
+    oracle there."""
+    emulated_ops.set_smem_optin(99 * 1024)
+    emulated_ops.set_max_cluster(1)
+    try:
+        problem = Problem(2, 70, 65, 7, 9, 2, how="channels_last", dtype=torch.float64, seed=3)
+        check(problem, emulated_ops, torch.float64, lambda name, err: 1e-10)
+        assert all(r["smem"] <= 99 * 1024 for r in launches(emulated_ops))
+    finally:
+        emulated_ops.set_smem_optin(232448)
+        emulated_ops.set_max_cluster(16)
 
 
 def tables(ops) -> str:

@@ -157,8 +157,10 @@ template <typename V> __device__ __forceinline__ void store_param(V* p, V v) { c
 // (cluster.sync(): shared-memory writes before it are visible to the whole cluster after
 // it); cluster_peer maps an address of this block's shared memory to the same address in
 // the block of cluster rank `rank` (distributed shared memory, read with generic loads).
-// Below sm_90 the host launches no clusters, so a cluster is the block itself. The
-// emulation provides both (tests/cuda_emulation.h).
+// Below sm_90 the host launches no clusters (clusters_enabled), so a cluster is the block
+// itself; require_clusters(blocks) stops a kernel launched in clusters of `blocks` to such
+// code instead of letting it compute garbage. The emulation provides all three
+// (tests/cuda_emulation.h).
 #ifndef HIRES_EMULATED
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
@@ -166,11 +168,14 @@ template <typename T>
 __device__ __forceinline__ T* cluster_peer(T* p, int rank) {
   return cooperative_groups::this_cluster().map_shared_rank(p, rank);
 }
+__device__ __forceinline__ void require_clusters(int) {}
 #else
-#define HIRES_NO_CLUSTERS 1
 __device__ __forceinline__ void cluster_sync() { __syncthreads(); }
 template <typename T>
 __device__ __forceinline__ T* cluster_peer(T* p, int) { return p; }
+__device__ __forceinline__ void require_clusters(int blocks) {
+  if (blocks > 1) __trap();
+}
 #endif
 #endif
 
@@ -663,6 +668,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   scalar_t* Ds = reinterpret_cast<scalar_t*>(smem + L.ds);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
 
+  require_clusters(a.cs);
   const Share sh(a.cs, a.C_in, a.C_out, L.kin);
   const int64_t m0 = sh.tile * a.tm;
   const int rows = (int)(a.M - m0 < a.tm ? a.M - m0 : a.tm);
@@ -1004,9 +1010,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
   int64_t* row_off = reinterpret_cast<int64_t*>(smem + L.offs);
-#ifdef HIRES_NO_CLUSTERS
-  if (cx * cy > 1) __trap();  // the host launched clusters to code built without them
-#endif
+  require_clusters(cx * cy);
   const int bx = blockIdx.x % cx, by = blockIdx.y % cy, na = L.sa * KD, nb = L.sb * KD;
   const int64_t co0 = (int64_t)blockIdx.x * ROWS, ci0 = (int64_t)blockIdx.y * TN;
   const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
@@ -1460,12 +1464,16 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
     while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
     while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
   }
-  // The kernel's shared-memory limit: the most any cluster shape takes (4 x 1), one value per
-  // dtype, so that calls from several threads never lower it under each other's launches.
+  // The kernel's shared-memory limit: the most any cluster shape takes (4 x 1 or 1 x 4), one
+  // value per dtype and device, so that calls from several threads never lower it under each
+  // other's launches; at most what the device allows a block (float64's 4 x 1 takes more than
+  // the 99 KiB of sm_86 / sm_89, which launch no clusters: 1 x 1 fits everywhere).
   constexpr int kRows = kDwRows<scalar_t>;
+  const int smem_limit = std::min(std::max(DwSmem(kRows, 4, 1, sizeof(scalar_t)).total,
+                                           DwSmem(kRows, 1, 4, sizeof(scalar_t)).total),
+                                  device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaFuncSetAttribute(dw_partial_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      std::max(DwSmem(kRows, 4, 1, sizeof(scalar_t)).total,
-                                               DwSmem(kRows, 1, 4, sizeof(scalar_t)).total)));
+                                      smem_limit));
   const int64_t want = cdiv(4 * sms, tiles_co * tiles_ci);
   const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
   for (;;) {
@@ -1476,7 +1484,7 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
     d.chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), span) * span;
     d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
     if (cx * cy == 1) return d;
-    if (d.smem <= smem_sm / 2 - 1024 &&
+    if (d.smem <= smem_sm / 2 - 1024 && d.smem <= smem_limit &&
         cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, cx, cy, d.smem, 0).config, cx * cy))
       return d;
     if (cx >= cy)
