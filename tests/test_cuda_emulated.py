@@ -382,11 +382,14 @@ def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, 
 # channels in bf16, 64 otherwise, by 64 input channels): 2 x 4 tiles (steps of 128 positions,
 # each block staging 32 of its dy tile's and 64 of its p tile's), 4 x 2 with a partial last tile
 # of output channels over three splits, the last one ending inside a step, 2 x 1 (input channels
-# in 3 tiles: no cluster along them), and 4 x 4 (16 blocks, a non-portable size).
+# in 3 tiles: no cluster along them), 4 x 4 (16 blocks, a non-portable size), and 2 x 1 over
+# 300 positions, two splits whose boundary (at 192, whole steps of 64) single blocks, whose
+# steps are 32 positions, would otherwise have put elsewhere.
 CLUSTER_CASES = [((3, 256, 256, 9, 9, 1, "channels_last", torch.bfloat16), (2, 4)),
                  ((7, 70, 200, 10, 10, 1, "nchw", torch.float32), (4, 2)),
                  ((2, 130, 70, 12, 12, 2, "channels_last", torch.float64), (2, 1)),
-                 ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4))]
+                 ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4)),
+                 ((3, 64, 256, 10, 10, 1, "channels_last", torch.bfloat16), (2, 1))]
 
 
 def with_and_without_clusters(ops, problem, launches):

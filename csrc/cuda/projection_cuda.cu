@@ -102,6 +102,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -1368,20 +1370,64 @@ bool clusters_enabled(int device) {
   return arch >= 90 && !(env != nullptr && std::string(env) == "0");
 }
 
-// Whether the device can run clusters of config's size (non-portable beyond 8 blocks) of
+// Launch setup that depends only on the device and the kernel (a driver call each: on every
+// projection call, host time for nothing) is done on a kernel's first launch on a device and
+// its answer kept, per key (device, kernel, dynamic shared memory, cluster dims). Devices
+// outside 0..63 ask every time: the CPU emulation's tensors have none, and its knobs change
+// the emulated device between calls.
+using SetupKey = std::tuple<int, const void*, int, unsigned, unsigned, unsigned>;
+
+class SetupAnswers {
+ public:
+  template <typename Ask>
+  static bool get(const SetupKey& key, Ask ask) {
+    const int device = std::get<0>(key);
+    if (device < 0 || device >= 64) return ask();
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = answers_.find(key);
+      if (it != answers_.end()) return it->second;
+    }
+    const bool answer = ask();  // two threads may both ask: the same answer
+    const std::lock_guard<std::mutex> lock(mutex_);
+    answers_.emplace(key, answer);
+    return answer;
+  }
+
+ private:
+  static inline std::mutex mutex_;
+  static inline std::map<SetupKey, bool> answers_;
+};
+
+// The kernel's dynamic shared-memory limit raised to the device's per-block maximum: one
+// value, so that concurrent calls never lower it under each other's launches.
+template <typename F>
+void allow_device_smem(F* kernel, int device) {
+  SetupAnswers::get({device, reinterpret_cast<const void*>(kernel), -1, 0, 0, 0}, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
+    return true;
+  });
+}
+
+// Whether the device can run clusters of config's dims (non-portable beyond 8 blocks) of
 // kernel (its shared-memory limit already raised); false, not an error, where it cannot.
 template <typename F>
-bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, unsigned blocks) {
-  if (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return clusters > 0;
+bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, dim3 cluster, int device) {
+  const unsigned blocks = cluster.x * cluster.y * cluster.z;
+  return SetupAnswers::get({device, reinterpret_cast<const void*>(kernel), (int)config.dynamicSmemBytes, cluster.x,
+                            cluster.y, cluster.z}, [&] {
+    if (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return clusters > 0;
+  });
 }
 
 // A launch configuration in clusters of (cx, cy, 1) blocks (none for 1 x 1), and its attribute.
@@ -1406,9 +1452,8 @@ struct ClusterLaunch {
 // device can schedule).
 struct RowLaunch {
   int tm, smem, cs;
-  int smem_limit;  // the kernels' raised limit: the device's per-block maximum, one value so that
-                   // concurrent calls never lower it under each other's launches
   int64_t tiles;
+  int device;
 };
 
 RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size, int elt_size, int device) {
@@ -1426,27 +1471,29 @@ RowLaunch row_launch(int64_t M, int C_in, int C_out, bool with_dy, int acc_size,
   int cs = 1;
   if (tiles < 4 * (int64_t)sms && clusters_enabled(device))
     while (cs < 4 && tiles * cs < 4 * (int64_t)sms && C_out % (64 * 2 * cs) == 0 && C_in % (16 * 2 * cs) == 0) cs *= 2;
-  return {tm, bytes(tm), cs, smem_max, tiles};
+  return {tm, bytes(tm), cs, tiles, device};
 }
 
 template <typename scalar_t, typename acc_t, int EPI>
 void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t stream) {
   const auto kernel = rows_kernel<scalar_t, acc_t, EPI>;
   TORCH_CHECK(l.tiles * l.cs <= INT32_MAX, "projection (cuda): problem too large for the grid");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_limit));
+  allow_device_smem(kernel, l.device);
   k.cs = l.cs;
   while (k.cs > 1 && !cluster_fits(kernel, ClusterLaunch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream).config,
-                                   k.cs))
+                                   dim3(k.cs), l.device))
     k.cs /= 2;
   const ClusterLaunch launch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, rows_kernel<scalar_t, acc_t, EPI>, k));
 }
 
 // The dW kernel's launch: tiles of kDwRows x 64 channels, split over m (2 waves of tiles, at
-// least 256 positions per split, whole steps of the kernel), and on sm_90 clusters of cx x cy
-// tiles of a split that share their operands: the largest (up to 4 x 4) that tile the grid,
-// leave 2 blocks per SM their shared memory and that the device can schedule
-// (cudaOccupancyMaxActiveClusters), halving the longer side until they do; 1 x 1 otherwise.
+// least 256 positions per split), and on sm_90 clusters of cx x cy tiles of a split that share
+// their operands: the largest (up to 4 x 4) that tile the grid, leave 2 blocks per SM their
+// shared memory and that the device can schedule (cudaOccupancyMaxActiveClusters), halving
+// the longer side until they do; 1 x 1 otherwise. The splits are whole steps of the largest
+// cluster whether or not clusters run (or which fit): every block of every choice then adds
+// the same positions in the same order, and dW is bitwise the same.
 struct DwLaunch {
   dim3 grid, cluster;
   int smem;
@@ -1457,35 +1504,26 @@ template <typename scalar_t, typename acc_t>
 DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
   unsigned cx = 1, cy = 1;
-  if (clusters_enabled(device)) {
-    while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
-    while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
-  }
-  // The kernel's shared-memory limit: the most any cluster shape takes (4 x 1 or 1 x 4), one
-  // value per dtype and device, so that calls from several threads never lower it under each
-  // other's launches; at most what the device allows a block (float64's 4 x 1 takes more than
-  // the 99 KiB of sm_86 / sm_89, which launch no clusters: 1 x 1 fits everywhere).
-  constexpr int kRows = kDwRows<scalar_t>;
-  const int smem_limit = std::min(std::max(DwSmem(kRows, 4, 1, sizeof(scalar_t)).total,
-                                           DwSmem(kRows, 1, 4, sizeof(scalar_t)).total),
-                                  device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dw_partial_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem_limit));
-  const int64_t want = cdiv(4 * sms, tiles_co * tiles_ci);
-  const int64_t splits_cap = std::min<int64_t>(cdiv(M, 256), 65535);
+  while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
+  while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({cdiv(4 * sms, tiles_co * tiles_ci), cdiv(M, 256), 65535}));
+  const int64_t span = KD * std::max(cx, cy);  // the largest cluster's step
+  DwLaunch d;
+  d.chunk = cdiv(cdiv(M, splits), span) * span;
+  d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
+  allow_device_smem(dw_partial_kernel<scalar_t, acc_t>, device);
+  if (!clusters_enabled(device)) cx = cy = 1;
   for (;;) {
-    DwLaunch d;
     d.cluster = dim3(cx, cy, 1);
     d.smem = DwSmem(kDwRows<scalar_t>, (int)cx, (int)cy, sizeof(scalar_t)).total;
-    const int64_t span = KD * std::max(cx, cy);  // a step's positions
-    d.chunk = cdiv(cdiv(M, std::max<int64_t>(1, std::min(want, splits_cap))), span) * span;
-    d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
     if (cx * cy == 1) return d;
-    if (d.smem <= smem_sm / 2 - 1024 && d.smem <= smem_limit &&
-        cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, cx, cy, d.smem, 0).config, cx * cy))
+    if (d.smem <= smem_sm / 2 - 1024 && d.smem <= smem_max &&
+        cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, cx, cy, d.smem, 0).config, d.cluster,
+                     device))
       return d;
     if (cx >= cy)
       cx /= 2;
@@ -1811,14 +1849,14 @@ bool column_runs(const PoolGeometry& g, const at::Tensor& t, size_t elt) {
 
 int level_of(const PoolGeometry& g, int64_t stride) { return (int)(std::find(g.s, g.s + g.L, stride) - g.s); }
 
-// The dynamic shared memory of a pooling launch, the kernel's limit raised to it.
+// The dynamic shared memory of a pooling launch (the kernel's limit raised: allow_device_smem).
 template <typename F>
 int pool_smem(F* kernel, const PoolGeometry& g, bool with_columns, int acc_size, int device) {
   const int64_t bytes = PoolSmem(g, with_columns).total * acc_size;
   const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   TORCH_CHECK(bytes <= smem_max, "pool_source (cuda): stride ", g.S, " needs ", bytes,
               " bytes of shared memory per block; the device has ", smem_max);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  allow_device_smem(kernel, device);
   return (int)bytes;
 }
 
