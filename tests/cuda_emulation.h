@@ -109,8 +109,8 @@ T* cluster_peer(T* p, int rank) {
 // store_act, load_param and store_param), summed per launch into emu_launches. Those that
 // fall inside the storage of the tensor given to watch() are also counted apart (reads,
 // writes), so a test can tell which launches touch that one tensor, and so are the
-// activation bytes moved by 16-byte accesses (reads, writes: vector loads and stores).
-inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2], emu_thread_wide[2];
+// bytes moved by 16-byte accesses (vector loads and stores), per kind as emu_thread_bytes.
+inline thread_local int64_t emu_thread_bytes[4], emu_thread_watched[2], emu_thread_wide[4];
 inline uintptr_t emu_watch_begin = 0, emu_watch_end = 0;
 // A GPU faults on a global access that is not aligned to its size (a 16-byte vector on a
 // 16-byte boundary); the CPU does not, so the emulation checks every access and the launch
@@ -124,12 +124,12 @@ inline void emu_count(int kind, const void* address, int64_t bytes) {
   if (a % static_cast<uintptr_t>(bytes) != 0 && emu_misaligned.compare_exchange_strong(none, a))
     emu_misaligned_bytes = bytes;  // the first misaligned access found: its address and size
   if (a >= emu_watch_begin && a < emu_watch_end) emu_thread_watched[kind % 2] += bytes;  // kinds: read, write, ...
-  if (kind < 2 && bytes >= 16) emu_thread_wide[kind] += bytes;  // ACT_READ, ACT_WRITE
+  if (bytes >= 16) emu_thread_wide[kind] += bytes;
 }
 #define HIRES_TRAFFIC(kind, address, bytes) emu_count(kind, address, static_cast<int64_t>(bytes))
 struct EmuLaunchRecord {
   std::string name;
-  int64_t bytes[4], watched[2], wide[2];
+  int64_t bytes[4], watched[2], wide[4];
   unsigned blocks, threads;
   size_t smem;
   unsigned cluster;  // blocks per cluster
@@ -345,7 +345,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
   for (auto& buffer : smem)
     emu_cluster_smem.push_back(buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) % 16) % 16);
   emu_smem_bytes = dynamic_smem;
-  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, {0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem, ranks};
+  EmuLaunchRecord record{name, {0, 0, 0, 0}, {0, 0}, {0, 0, 0, 0}, grid.x * grid.y * grid.z, block.x, dynamic_smem, ranks};
   if (emu_dry_run) {
     const std::lock_guard<std::mutex> lock(emu_launches_mutex);
     emu_launches.push_back(record);
@@ -381,7 +381,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
         const std::lock_guard<std::mutex> lock(emu_launches_mutex);
         for (int i = 0; i < 4; ++i) record.bytes[i] += emu_thread_bytes[i];
         for (int i = 0; i < 2; ++i) record.watched[i] += emu_thread_watched[i];
-        for (int i = 0; i < 2; ++i) record.wide[i] += emu_thread_wide[i];
+        for (int i = 0; i < 4; ++i) record.wide[i] += emu_thread_wide[i];
       });
   for (auto& th : threads) th.join();
   TORCH_CHECK(!emu_bad_peer.exchange(false), "emulated launch ", name, ": cluster_peer of an address outside the "
@@ -402,7 +402,8 @@ inline cudaError_t emu_launch_ex(const cudaLaunchConfig_t& config, const char* n
 }
 
 // "name blocks threads dynamic_smem act_read act_write param_read param_write
-// watched_read watched_write wide_read wide_write cluster" per launch since the last call.
+// watched_read watched_write wide_read wide_write cluster wide_param_read wide_param_write"
+// per launch since the last call (wide: of 16-byte accesses).
 inline std::string emu_traffic() {
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
   std::string log;
@@ -410,8 +411,8 @@ inline std::string emu_traffic() {
     log += r.name + " " + std::to_string(r.blocks) + " " + std::to_string(r.threads) + " " + std::to_string(r.smem);
     for (int64_t b : r.bytes) log += " " + std::to_string(b);
     for (int64_t b : r.watched) log += " " + std::to_string(b);
-    for (int64_t b : r.wide) log += " " + std::to_string(b);
-    log += " " + std::to_string(r.cluster) + "\n";
+    for (int i = 0; i < 2; ++i) log += " " + std::to_string(r.wide[i]);
+    log += " " + std::to_string(r.cluster) + " " + std::to_string(r.wide[2]) + " " + std::to_string(r.wide[3]) + "\n";
   }
   emu_launches.clear();
   return log;

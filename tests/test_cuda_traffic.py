@@ -51,15 +51,15 @@ TARGET = {True: 1.5, False: 1.2}
 
 def launches(ops) -> list[dict]:
     """The launches since the last call: kernel, blocks, threads, smem, bytes (those of the
-    watched tensor apart, and the activation bytes of 16-byte accesses apart) and blocks per
-    cluster."""
+    watched tensor apart, and the activation and parameter bytes of 16-byte accesses apart)
+    and blocks per cluster."""
     rows = []
     for line in ops.traffic().splitlines():
         name, blocks, threads, smem, *b = line.split()
         rows.append(dict(name=name, blocks=int(blocks), threads=int(threads), smem=int(smem),
                          act_read=int(b[0]), act_write=int(b[1]), act=int(b[0]) + int(b[1]),
                          param=int(b[2]) + int(b[3]), watched_read=int(b[4]), watched_write=int(b[5]),
-                         wide_read=int(b[6]), wide_write=int(b[7]), cluster=int(b[8])))
+                         wide_read=int(b[6]), wide_write=int(b[7]), cluster=int(b[8]), wide_param_read=int(b[9])))
     return rows
 
 
@@ -133,6 +133,23 @@ def test_row_kernels_move_activations_in_16_byte_vectors(emulated_ops, shape):
     assert b3["act_read"] == b3["wide_read"] == p + out and b3["act_write"] == b3["wide_write"] == out + x
     dw = next(r for r in bwd if r["name"] == "dw_partial_kernel")
     assert dw["act_read"] == dw["wide_read"] > 0
+
+
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+def test_row_kernels_read_the_weight_once_per_pass_in_bf16_vectors(emulated_ops, shape):
+    """The row kernels' GEMM operand is the weight in x's dtype, rounded once per call (S0,
+    which in backward does nothing else): every row tile reads it once per pass (the dx pass
+    twice: y, then dp = dy W), all of it in 16-byte vectors of bf16, half the bytes of the
+    float32 parameter in an eighth of the loads."""
+    c_in, h, c_out, ho, _ = shape
+    s = h // ho
+    fwd, bwd = run(emulated_ops, c_in, 4 * s, c_out, 4, 1, True)
+    w = c_out * c_in * ELT
+    rows = [r for r in fwd + bwd if r["name"] == "rows_kernel"]
+    tiles = [r["blocks"] // r["cluster"] for r in rows]
+    assert [r["wide_param_read"] for r in rows] == [k * t * w for k, t in zip((1, 1, 1, 2), tiles)]  # F1 F3 B1 B3
+    (operands,) = [r for r in bwd if r["name"] == "operands_kernel"]
+    assert operands["param"] == c_out * c_in * (4 + ELT) and operands["act"] == 0
 
 
 @pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)

@@ -27,7 +27,8 @@
 // way and each block writes its 1 / cs of grad_x's channels. Every byte still moves once.
 //
 // Bytes per launch (the emulated tests count them, see tests/test_cuda_traffic.py):
-// S0 shift_kernel      shift[c] = mean of x[0, c, :s, :s]: C_in s^2 e.
+// S0 operands_kernel   shift[c] = mean of x[0, c, :s, :s]: C_in s^2 e; for bf16 / fp16 also
+//      the weight in x's dtype, the row kernels' GEMM operand (C_out C_in (4 + e), parameters).
 // Forward, training (S0 + 3 launches):
 //   F1 rows<FWD_STATS>  x read once (N C_in H W e), `pooled` written once (N C_in H' W' e,
 //      stride > 1); per column a two-pass (mean, M2) over the tile -> partials, 8 C_out M / tm.
@@ -40,7 +41,7 @@
 //   its per-column prologue takes mean = running_mean - W[c] . shift, var = running_var
 //   (the first row tile's block stores them for backward).
 // Backward (p = saved - shift at stride 1, where saved is x; p = saved, the shifted pooled
-// input, at stride > 1; 5 launches):
+// input, at stride > 1; 5 launches, and for bf16 / fp16 first S0 for the weight alone):
 //   B1 rows<BWD_STATS>  saved and grad_out read once: partial sums of g and g yhat.
 //   B2 bwd_finalize     fixed-order sums -> dbeta, dgamma.
 //   B3 rows<BWD_DX>     saved and grad_out read once: dy = gamma rstd (g - dbeta/M - yhat
@@ -58,7 +59,8 @@
 // Deterministic: no floating-point atomics anywhere. Every global access goes through
 // load_act / store_act / load_param / store_param, which the emulation counts.
 //
-// Each row block also reads the whole weight per GEMM pass (C_out C_in 4 bytes, from L2).
+// Each row block also reads the whole weight per GEMM pass (C_out C_in e bytes, from L2, in
+// 16-byte runs where C_in is a multiple of 16 / e).
 // The row kernels' shared memory grows with tm (C_in + C_out) e: a block of 16 rows takes up
 // to about 6500 channels (C_in + C_out) in bf16, 3300 in fp32, 1400 in fp64; beyond that
 // row_launch refuses the call.
@@ -303,38 +305,6 @@ __device__ __forceinline__ void mma_chunk(acc_t (&acc)[NJ][4], const scalar_t* A
   }
 }
 
-// Ys (tm x 64, pitch PITCH) = A Wt over k in [0, kpad), A resident in shared memory (tm x kpad,
-// pitch lda), the weight operand Wt(k, c) = W[k * wk + (c0 + c) * wc] (0 outside
-// [0, k_end) x [0, c_end)) staged chunk by chunk into Bs (64 x (KC + KPAD), in scalar_t:
-// bf16/fp16 weights on the tensor cores, as eager autocast rounds them). Ends with a barrier.
-template <typename scalar_t, typename acc_t>
-__device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, const acc_t* W, int64_t wk, int64_t wc,
-                            int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f, bool tf32) {
-  constexpr int ldb = KC + KPAD;
-  acc_t acc[4][4];
-  zero(acc);
-  const bool k_fast = wk == 1;
-  for (int k0 = 0; k0 < kpad; k0 += KC) {
-    const int depth = min(KC, kpad - k0);
-    for (int e = threadIdx.x; e < TN * KC; e += NT) {
-      const int kk = k_fast ? e % KC : e / TN;
-      const int c = k_fast ? e / KC : e % TN;
-      const int64_t k = k0 + kk;
-      const int64_t col = c0 + c;
-      Bs[c * ldb + kk] = static_cast<scalar_t>(k < k_end && col < c_end ? load_param(W + k * wk + col * wc) : acc_t(0));
-    }
-    __syncthreads();
-    mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f, tf32);
-    __syncthreads();
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int v = 0; v < 4; ++v)
-      if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
-  __syncthreads();
-}
-
 template <typename acc_t>
 __device__ __forceinline__ acc_t inv_sqrt(acc_t v) {
   return acc_t(1) / sqrt(v);
@@ -368,6 +338,8 @@ struct RowArgs {
   const acc_t* shift;             // nullable: subtracted from src on load
   Act<scalar_t> pooled;           // ptr nullable: the pooled tile is stored here on load
   const acc_t* weight;            // [C_out][C_in]
+  const scalar_t* w;              // the weight in x's dtype, [C_out][C_in]: the GEMMs' operand
+  int w_run;                      // elements per load of w: Vec16::n where its rows come in 16-byte runs, else 1
   int C_in, C_out, Ho, Wo, tm;
   int cs;                         // blocks per row tile (a cluster along C_out: Share), 1, 2 or 4
   bool tf32;                      // float32 GEMMs in TF32 (tf32_allowed)
@@ -433,17 +405,17 @@ enum VecMode { ELEMENTS = 0, CHANNELS = 1, POSITIONS = 2, WINDOWS = 3 };
 
 // g consecutive elements at p into v[0, g): one 16-byte vector (g = Vec16::n, p aligned) or
 // one element (g = 1); and back.
-template <typename scalar_t, int N>
+template <int KIND = ACT_READ, typename scalar_t, int N>
 __device__ __forceinline__ void load_run(const scalar_t* p, int g, scalar_t (&v)[N]) {
   if constexpr (N == Vec16<scalar_t>::n) {
     if (g > 1) {
-      const Vec16<scalar_t> in = load_act(reinterpret_cast<const Vec16<scalar_t>*>(p));
+      const Vec16<scalar_t> in = counted_load<KIND>(reinterpret_cast<const Vec16<scalar_t>*>(p));
 #pragma unroll
       for (int j = 0; j < N; ++j) v[j] = in.v[j];
       return;
     }
   }
-  v[0] = load_act(p);
+  v[0] = counted_load<KIND>(p);
 }
 template <typename scalar_t, int N>
 __device__ __forceinline__ void store_run(scalar_t* p, int g, const scalar_t (&v)[N]) {
@@ -545,6 +517,47 @@ struct Run {
     }
   }
 };
+
+// Ys (tm x 64, pitch PITCH) = A Wt over k in [0, kpad), A resident in shared memory (tm x kpad,
+// pitch lda), the weight operand Wt(k, c) = W[k * wk + (c0 + c) * wc] (0 outside
+// [0, k_end) x [0, c_end)) staged chunk by chunk into Bs (64 x (KC + KPAD)). W is the weight
+// in x's dtype (RowArgs::w: bf16/fp16 weights go to the tensor cores rounded as eager autocast
+// rounds them), read in runs of g elements along its contiguous dimension (16 bytes where
+// rows of W come in 16-byte runs, RowArgs::w_run; else 1), consecutive threads along it; a
+// run is wholly in or out of range (C_in, the chunk and column offsets are multiples of g).
+// Ends with a barrier.
+template <typename scalar_t, typename acc_t>
+__device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, const scalar_t* W, int g, int64_t wk,
+                            int64_t wc, int k_end, int64_t c0, int64_t c_end, scalar_t* Bs, const Frag& f, bool tf32) {
+  constexpr int ldb = KC + KPAD, VW = Vec16<scalar_t>::n;
+  acc_t acc[4][4];
+  zero(acc);
+  const bool k_fast = wk == 1;
+  for (int k0 = 0; k0 < kpad; k0 += KC) {
+    const int depth = min(KC, kpad - k0);
+    for (int e = threadIdx.x; e < TN * KC / g; e += NT) {
+      const Run u(e, g, !k_fast, KC, TN);  // r: k, c: column
+      const int64_t k = k0 + u.r, col = c0 + u.c;
+      const bool in = k < k_end && col < c_end;
+      scalar_t v[VW];
+      if (in) load_run<PARAM_READ>(W + k * wk + col * wc, g, v);
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        if (j >= g) break;
+        Bs[(u.c + j * u.dc) * ldb + u.r + j * u.dr] = in ? v[j] : static_cast<scalar_t>(acc_t(0));
+      }
+    }
+    __syncthreads();
+    mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f, tf32);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int v = 0; v < 4; ++v)
+      if (j < f.nt) Ys[f.row(v) * PITCH + f.col(j, v)] = acc[j][v];
+  __syncthreads();
+}
 
 // Ps[r][k] = p(m0 + r, k) for r < rows, k in [k_lo, k_hi) (0 at k >= C and r >= rows): the window mean of
 // (src - shift) (s = 1: src - shift), rounded to scalar_t as `pooled` stores it. Each thread
@@ -719,7 +732,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
       c_db[threadIdx.x] = db;
       c_dg[threadIdx.x] = dg;
     }
-    gemm_weight(Ys, Ps, L.ldp, L.kin, a.weight, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f, a.tf32);
+    gemm_weight(Ys, Ps, L.ldp, L.kin, a.w, a.w_run, 1, a.C_in, a.C_in, co0, a.C_out, Bs, f, a.tf32);
 
     if (EPI == FWD_STATS || EPI == BWD_STATS) {
       // BWD_STATS with grad_out in 16-byte runs: every thread stages the tile's g into Bs
@@ -833,7 +846,7 @@ __global__ void __launch_bounds__(NT, 2) rows_kernel(RowArgs<scalar_t, acc_t> a)
   // writes its own window with dp / count (the last row / column of windows also writes the
   // zeros of floor mode's trailing pixels), so each grad_x pixel is written exactly once.
   for (int64_t ci0 = sh.ci_lo; ci0 < sh.ci_hi; ci0 += TN) {
-    gemm_weight(Ys, Ds, L.ldd, L.kout, a.weight, a.C_in, 1, a.C_out, ci0, sh.ci_hi, Bs, f, a.tf32);
+    gemm_weight(Ys, Ds, L.ldd, L.kout, a.w, a.w_run, a.C_in, 1, a.C_out, ci0, sh.ci_hi, Bs, f, a.tf32);
     // Runs of g elements where grad_x takes them (16-byte runs of channels, or at stride 1
     // of positions, or WINDOWS: the VW / s positions whose windows one 16-byte run of a
     // pixel row covers; else g = 1).
@@ -1109,12 +1122,18 @@ __global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
   }
 }
 
-// shift[c] = mean of x[0, c, :s, :s] (0 where not finite, so a NaN or Inf stays where it
-// is instead of spreading); hires_kernels/shapes.py's data_shift.
+// The per-call operands of the row kernels: shift[c] = mean of x[0, c, :s, :s] for c < C (0
+// where not finite, so a NaN or Inf stays where it is instead of spreading;
+// hires_kernels/shapes.py's data_shift), and where w_lp is given the weight in x's dtype, the
+// GEMMs' operand (WeightOperand), rounded once here instead of by every block that stages it.
 template <typename scalar_t, typename acc_t>
-__global__ void shift_kernel(Act<const scalar_t> x, int C, int H, int W, int s, acc_t* shift) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+__global__ void operands_kernel(Act<const scalar_t> x, int C, int H, int W, int s, acc_t* shift, const acc_t* weight,
+                                int64_t weight_numel, scalar_t* w_lp) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (int64_t e = i; w_lp != nullptr && e < weight_numel; e += (int64_t)gridDim.x * blockDim.x)
+    store_param(w_lp + e, static_cast<scalar_t>(load_param(weight + e)));
+  if (i >= C) return;
+  const int c = (int)i;
   const int hs = min(s, H), ws = min(s, W);
   acc_t sum = 0;
   for (int h = 0; h < hs; ++h)
@@ -1584,11 +1603,51 @@ bool tf32_allowed() {
 #endif
 }
 
+// The row kernels' weight operand in x's dtype: for bf16 / fp16 a copy that operands_kernel
+// fills (`to_fill`), for float32 / float64 the weight itself (acc_t [C_out][C_in], contiguous).
+template <typename scalar_t>
+struct WeightOperand {
+  at::Tensor copy;
+  const scalar_t* ptr;
+  scalar_t* to_fill;  // nullptr where the weight is its own operand
+  int run;            // RowArgs::w_run
+};
+
+template <typename scalar_t, typename acc_t>
+WeightOperand<scalar_t> weight_operand(const at::Tensor& weight) {
+  WeightOperand<scalar_t> w{};
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    w.ptr = weight.data_ptr<scalar_t>();
+  } else {
+    w.copy = at::empty(weight.sizes(), weight.options().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+    w.to_fill = w.copy.template data_ptr<scalar_t>();
+    w.ptr = w.to_fill;
+  }
+  constexpr int VW = Vec16<scalar_t>::n;
+  w.run = weight.size(1) % VW == 0 && reinterpret_cast<uintptr_t>(w.ptr) % 16 == 0 ? VW : 1;
+  return w;
+}
+
+// One launch of operands_kernel: x's shift over C channels (C = 0: none) and the weight
+// operand where it is a copy.
+template <typename scalar_t, typename acc_t>
+void launch_operands(const at::Tensor& x, int64_t C, int64_t stride, acc_t* shift, const at::Tensor& weight,
+                     const WeightOperand<scalar_t>& w, cudaStream_t stream) {
+  const int64_t numel = w.to_fill != nullptr ? weight.numel() : 0;
+  const int64_t threads = std::max<int64_t>(C, cdiv(numel, 8));  // up to 8 weight elements a thread
+  if (threads == 0) return;
+  operands_kernel<scalar_t, acc_t><<<(unsigned)std::min<int64_t>(cdiv(threads, FIN_THREADS), 65535), FIN_THREADS, 0,
+                                     stream>>>(act_view<const scalar_t>(x), (int)C, x.defined() ? (int)x.size(2) : 0,
+                                               x.defined() ? (int)x.size(3) : 0, (int)stride, shift,
+                                               weight.data_ptr<acc_t>(), numel, w.to_fill);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The fields of the row kernels' arguments that forward and backward set alike.
 template <typename scalar_t, typename acc_t>
 RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t* shift, const at::Tensor& weight,
-                                  int64_t Ho, int64_t Wo, const at::Tensor& act, const RowLaunch& l, double eps,
-                                  bool training) {
+                                  const WeightOperand<scalar_t>& w, int64_t Ho, int64_t Wo, const at::Tensor& act,
+                                  const RowLaunch& l, double eps, bool training) {
   RowArgs<scalar_t, acc_t> k{};
   k.src = act_view<const scalar_t>(src);
   k.s = (int)s; k.H = (int)src.size(2); k.W = (int)src.size(3);
@@ -1597,6 +1656,8 @@ RowArgs<scalar_t, acc_t> row_args(const at::Tensor& src, int64_t s, const acc_t*
   if (k.src_vec == ELEMENTS && window_vectors(src, s, Wo, sizeof(scalar_t))) k.src_vec = WINDOWS;
   k.shift = shift;
   k.weight = weight.data_ptr<acc_t>();
+  k.w = w.ptr;
+  k.w_run = w.run;
   k.C_in = (int)weight.size(1); k.C_out = (int)weight.size(0); k.Ho = (int)Ho; k.Wo = (int)Wo; k.tm = l.tm;
   k.tf32 = std::is_same_v<scalar_t, float> && tf32_allowed();
   k.M = src.size(0) * Ho * Wo;
@@ -1653,13 +1714,12 @@ ForwardResult projection_cuda(const at::Tensor& x_, const at::Tensor& weight_,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "projection_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* shift_ptr = shift.data_ptr<acc_t>();
-    shift_kernel<scalar_t, acc_t><<<(unsigned)cdiv(C_in, FIN_THREADS), FIN_THREADS, 0, stream>>>(
-        act_view<const scalar_t>(x), (int)C_in, (int)H, (int)W, (int)stride, shift_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const WeightOperand<scalar_t> w = weight_operand<scalar_t, acc_t>(a.weight);
+    launch_operands<scalar_t, acc_t>(x, C_in, stride, shift_ptr, a.weight, w, stream);
     const RowLaunch l = row_launch(M, (int)C_in, (int)C_out, false, sizeof(acc_t), sizeof(scalar_t), x.get_device());
     // The first pass over x pools it (and stores `pooled`); training's second pass reads
     // `pooled` (x itself at stride 1).
-    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, Ho, Wo, out, l, eps,
+    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(x, stride, shift_ptr, a.weight, w, Ho, Wo, out, l, eps,
                                                            training);
     k.pooled = act_view<scalar_t>(stride > 1 ? pooled : at::Tensor());
     // Runs of channels store `pooled` in the same runs; WINDOWS runs store it element-wise.
@@ -1744,7 +1804,9 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     // Stride > 1 saved the already-shifted pooled input; stride 1 saved x itself.
     const acc_t* sub = stride == 1 ? shift_c.data_ptr<acc_t>() : nullptr;
     const RowLaunch l = row_launch(M, (int)C_in, (int)C_out, true, sizeof(acc_t), sizeof(scalar_t), device);
-    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(saved, 1, sub, weight, Ho, Wo, grad_out, l, eps,
+    const WeightOperand<scalar_t> w = weight_operand<scalar_t, acc_t>(weight);
+    launch_operands<scalar_t, acc_t>(at::Tensor(), 0, 1, nullptr, weight, w, stream);
+    RowArgs<scalar_t, acc_t> k = row_args<scalar_t, acc_t>(saved, 1, sub, weight, w, Ho, Wo, grad_out, l, eps,
                                                            training);
     k.mean = mean_c.data_ptr<acc_t>();
     k.var = var_c.data_ptr<acc_t>();
