@@ -378,6 +378,22 @@ def test_emulated_vector_loads_equal_element_loads(emulated_ops, dtype, stride, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_weight_off_16_byte_alignment_is_read_element_by_element(emulated_ops, dtype):
+    """float32 and float64 take the weight itself as the row kernels' GEMM operand. A weight
+    view off a 16-byte boundary (C_in a multiple of the vector, so only its address rules
+    vectors out; a GPU faults on a misaligned vector load, and so does the emulation) is read
+    element by element, with the same results, bitwise, as the aligned weight."""
+    problem = Problem(2, 8, 12, 6, 6, 2, how="channels_last", dtype=dtype, seed=4)
+    aligned = problem.run_kernels(emulated_ops)
+    w = problem.weight
+    problem.weight = torch.empty(w.numel() + 1, dtype=w.dtype)[1:].view_as(w).copy_(w)
+    assert problem.weight.data_ptr() % 16 != 0
+    shifted = problem.run_kernels(emulated_ops)
+    for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in (aligned, shifted))):
+        assert torch.equal(a, b)
+
+
 # (N, C_in, C_out, H, W, stride, layout, dtype) -> the dW kernel's cluster (tiles of 128 output
 # channels in bf16, 64 otherwise, by 64 input channels): 2 x 4 tiles (steps of 128 positions,
 # each block staging 32 of its dy tile's and 64 of its p tile's), 4 x 2 with a partial last tile

@@ -540,12 +540,13 @@ __device__ void gemm_weight(acc_t* Ys, const scalar_t* A, int lda, int kpad, con
       const int64_t k = k0 + u.r, col = c0 + u.c;
       const bool in = k < k_end && col < c_end;
       scalar_t v[VW];
-      if (in) load_run<PARAM_READ>(W + k * wk + col * wc, g, v);
+      if (in) {
+        load_run<PARAM_READ>(W + k * wk + col * wc, g, v);
+      } else {
 #pragma unroll
-      for (int j = 0; j < VW; ++j) {
-        if (j >= g) break;
-        Bs[(u.c + j * u.dc) * ldb + u.r + j * u.dr] = in ? v[j] : static_cast<scalar_t>(acc_t(0));
+        for (int j = 0; j < VW; ++j) v[j] = static_cast<scalar_t>(acc_t(0));
       }
+      store_shared_run(Bs + u.c * ldb + u.r, u.dc * ldb + u.dr, g, v);
     }
     __syncthreads();
     mma_chunk(acc, A + k0, lda, Bs, ldb, depth, f, tf32);
@@ -1391,7 +1392,8 @@ bool clusters_enabled(int device) {
 
 // Launch setup that depends only on the device and the kernel (a driver call each: on every
 // projection call, host time for nothing) is done on a kernel's first launch on a device and
-// its answer kept, per key (device, kernel, dynamic shared memory, cluster dims). Devices
+// its answer kept, per key (device, kernel, dynamic shared memory, cluster dims); ask()
+// returns the answer, or nothing where a CUDA call failed (asked again next time). Devices
 // outside 0..63 ask every time: the CPU emulation's tensors have none, and its knobs change
 // the emulated device between calls.
 using SetupKey = std::tuple<int, const void*, int, unsigned, unsigned, unsigned>;
@@ -1401,16 +1403,17 @@ class SetupAnswers {
   template <typename Ask>
   static bool get(const SetupKey& key, Ask ask) {
     const int device = std::get<0>(key);
-    if (device < 0 || device >= 64) return ask();
+    if (device < 0 || device >= 64) return ask().value_or(false);
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       const auto it = answers_.find(key);
       if (it != answers_.end()) return it->second;
     }
-    const bool answer = ask();  // two threads may both ask: the same answer
+    const std::optional<bool> answer = ask();  // two threads may both ask: the same answer
+    if (!answer) return false;
     const std::lock_guard<std::mutex> lock(mutex_);
-    answers_.emplace(key, answer);
-    return answer;
+    answers_.emplace(key, *answer);
+    return *answer;
   }
 
  private:
@@ -1425,25 +1428,26 @@ void allow_device_smem(F* kernel, int device) {
   SetupAnswers::get({device, reinterpret_cast<const void*>(kernel), -1, 0, 0, 0}, [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
-    return true;
+    return std::optional<bool>(true);
   });
 }
 
 // Whether the device can run clusters of config's dims (non-portable beyond 8 blocks) of
-// kernel (its shared-memory limit already raised); false, not an error, where it cannot.
+// kernel (its shared-memory limit already raised); false, not an error, where it cannot or
+// where the query fails (not kept: clusters change no result, so a failed query costs speed).
 template <typename F>
 bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, dim3 cluster, int device) {
   const unsigned blocks = cluster.x * cluster.y * cluster.z;
   return SetupAnswers::get({device, reinterpret_cast<const void*>(kernel), (int)config.dynamicSmemBytes, cluster.x,
-                            cluster.y, cluster.z}, [&] {
+                            cluster.y, cluster.z}, [&]() -> std::optional<bool> {
     if (blocks > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
       (void)cudaGetLastError();
-      return false;
+      return std::nullopt;
     }
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();
-      return false;
+      return std::nullopt;
     }
     return clusters > 0;
   });
