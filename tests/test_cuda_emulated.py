@@ -395,17 +395,23 @@ def test_emulated_weight_off_16_byte_alignment_is_read_element_by_element(emulat
 
 
 # (N, C_in, C_out, H, W, stride, layout, dtype) -> the dW kernel's cluster (tiles of 128 output
-# channels in bf16, 64 otherwise, by 64 input channels): 2 x 4 tiles (steps of 128 positions,
-# each block staging 32 of its dy tile's and 64 of its p tile's), 4 x 2 with a partial last tile
-# of output channels over three splits, the last one ending inside a step, 2 x 1 (input channels
-# in 3 tiles: no cluster along them), 4 x 4 (16 blocks, a non-portable size), and 2 x 1 over
-# 300 positions, two splits whose boundary (at 192, whole steps of 64) single blocks, whose
-# steps are 32 positions, would otherwise have put elsewhere.
-CLUSTER_CASES = [((3, 256, 256, 9, 9, 1, "channels_last", torch.bfloat16), (2, 4)),
-                 ((7, 70, 200, 10, 10, 1, "nchw", torch.float32), (4, 2)),
-                 ((2, 130, 70, 12, 12, 2, "channels_last", torch.float64), (2, 1)),
-                 ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4)),
-                 ((3, 64, 256, 10, 10, 1, "channels_last", torch.bfloat16), (2, 1))]
+# channels in bf16, 64 otherwise, by 64 input channels; z-ranks each summing a part of a
+# split): 2 x 4 tiles (steps of 128 positions, each block staging 32 of its dy tile's and 64 of
+# its p tile's), 4 x 2 with a partial last tile of output channels over three splits, the last
+# one ending inside a step, 2 x 1 (input channels in 3 tiles: no cluster along them), 4 x 4
+# (16 blocks, a non-portable size), 2 x 1 x 2 over 300 positions (two splits of two parts of a
+# step, 64 positions, each; the last part past the end; single blocks, whose steps are 32
+# positions, would otherwise have cut them elsewhere), 1 x 1 x 4 (a split's four parts summed
+# in one block's shared memory), 2 x 1 x 2 with the last split's second part partial, and
+# 2 x 2 x 4 (16 blocks: four z-ranks of a 2 x 2 cluster).
+CLUSTER_CASES = [((3, 256, 256, 9, 9, 1, "channels_last", torch.bfloat16), (2, 4, 1)),
+                 ((7, 70, 200, 10, 10, 1, "nchw", torch.float32), (4, 2, 1)),
+                 ((2, 130, 70, 12, 12, 2, "channels_last", torch.float64), (2, 1, 1)),
+                 ((1, 256, 512, 12, 12, 2, "nchw", torch.bfloat16), (4, 4, 1)),
+                 ((3, 64, 256, 10, 10, 1, "channels_last", torch.bfloat16), (2, 1, 2)),
+                 ((4, 64, 64, 16, 16, 1, "nchw", torch.float32), (1, 1, 4)),
+                 ((5, 130, 70, 12, 12, 1, "channels_last", torch.float64), (2, 1, 2)),
+                 ((2, 128, 256, 16, 16, 1, "channels_last", torch.bfloat16), (2, 2, 4))]
 
 
 def with_and_without_clusters(ops, problem, launches):
@@ -430,7 +436,7 @@ def dw_launch(ops) -> dict:
     """The dW kernel's launch among those since the last call (blocks, bytes)."""
     rows = [line.split() for line in ops.traffic().splitlines()]
     (r,) = [r for r in rows if r[0] == "dw_partial_kernel"]
-    return dict(blocks=int(r[1]), act_read=int(r[4]))
+    return dict(blocks=int(r[1]), act_read=int(r[4]), act_write=int(r[5]), cluster=int(r[12]))
 
 
 @pytest.mark.parametrize("case,cluster", CLUSTER_CASES,
@@ -441,9 +447,10 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
     p tiles and takes the rest from its cluster's blocks, so the launch reads dy and p once
     where the cluster spans every tile (here), against once per tile of the other operand
     without clusters (set_max_cluster(1): the device schedules none, so the launch choice
-    falls back to single blocks; or $HIRES_CUDA_CLUSTERS=0). Both match the oracle and,
-    bitwise, each other: every block adds the positions in the same order whatever the
-    cluster."""
+    falls back to single blocks; or $HIRES_CUDA_CLUSTERS=0). z-ranks sum a split's parts in
+    shared memory: one partial a split, against one a part without clusters. Both match the
+    oracle and, bitwise, each other: every block adds the positions in the same order
+    whatever the cluster, and the reduction adds a split's parts in z-rank order."""
     n, c_in, c_out, h, w, s, how, dtype = case
     problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, seed=8)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
@@ -457,6 +464,8 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
     m, e = n * (h // s) * (w // s), torch.finfo(dtype).bits // 8
     tiles_co, tiles_ci = -(-c_out // (128 if dtype == torch.bfloat16 else 64)), -(-c_in // 64)
     assert tiles_co % cluster[0] == 0 and tiles_ci % cluster[1] == 0 and with_clusters["blocks"] == without["blocks"]
+    assert with_clusters["cluster"] == cluster[0] * cluster[1] * cluster[2] and without["cluster"] == 1
+    assert with_clusters["act_write"] * cluster[2] == without["act_write"]
     dy, p = m * c_out * e, m * c_in * e
     assert with_clusters["act_read"] == dy * (tiles_ci // cluster[1]) + p * (tiles_co // cluster[0])
     assert without["act_read"] == dy * tiles_ci + p * tiles_co

@@ -43,18 +43,22 @@ def test_float32_in_tf32_where_torch_allows_it(backend, device, case):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in hires_kernels.available_backends(),
                     reason="needs the cuda backend on a GPU")
+@pytest.mark.parametrize("c_in,c_out", [(256, 512), (64, 128)], ids=["tiles", "z_ranks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_clusters_equal_single_blocks(monkeypatch, dtype):
-    """On sm_90 the cuda backend's dW kernel runs its tiles in thread-block clusters (here
-    4 x 4) that share their operands through distributed shared memory, and its row kernels
-    share each of this batch's few row tiles among a cluster of 4 blocks; the gradients are
-    bitwise those of single blocks ($HIRES_CUDA_CLUSTERS=0) and match the float64 oracle."""
+def test_cuda_clusters_equal_single_blocks(monkeypatch, dtype, c_in, c_out):
+    """On sm_90 the cuda backend's dW kernel runs its tiles in thread-block clusters (256 -> 512:
+    4 x 4 tiles) that share their operands through distributed shared memory, with z-ranks
+    that sum parts of a split in shared memory where the tiles are few (64 -> 128: 1 x 1 x 4
+    in bf16, 2 x 1 x 2 in float32), and its row kernels share each of this batch's few row
+    tiles among a cluster of blocks; the gradients are bitwise those of single blocks
+    ($HIRES_CUDA_CLUSTERS=0) and match the float64 oracle."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(6, 256, 16, 16, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(512, 256, device="cuda", generator=gen) / 16
-    gamma, beta = torch.rand(512, device="cuda", generator=gen) + 0.5, torch.randn(512, device="cuda", generator=gen)
-    g = torch.randn(6, 512, 8, 8, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(6, c_in, 16, 16, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, device="cuda", generator=gen) / c_in ** 0.5
+    gamma = torch.rand(c_out, device="cuda", generator=gen) + 0.5
+    beta = torch.randn(c_out, device="cuda", generator=gen)
+    g = torch.randn(6, c_out, 8, 8, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
 
     def grads(fn, *args):
         leaves = [t.detach().clone().requires_grad_() for t in args]

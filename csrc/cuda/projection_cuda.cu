@@ -50,11 +50,12 @@
 //      for dW; then dp = dy W per block of 64 input channels, and each pooled position
 //      writes its window of grad_x with dp / count (the last row / column of windows also
 //      the zeros of floor mode's trailing pixels): grad_x written once, no memset.
-//   B4 dw_partial       grid (C_out/R, C_in/64, splits), R = 128 for bf16/fp16 (tensor
+//   B4 dw_partial       grid (C_out/R, C_in/64, splits cz), R = 128 for bf16/fp16 (tensor
 //      cores), 64 otherwise: split-K over m of dW = dy^T p, in thread-block clusters of
 //      cx x cy tiles on sm_90 (up to 4 x 4) whose blocks share their staged operands through
 //      distributed shared memory: dy read ceil(C_in/(64 cy)) times, saved ceil(C_out/(R cx))
-//      times (once each on every SPEC shape); partials 4 splits C_out C_in.
+//      times (once each on every SPEC shape); where that is under 2 waves, each split in cz
+//      z-ranks of the cluster, summed in shared memory; partials 4 splits C_out C_in.
 //   B5 dw_reduce        the splits summed in a fixed order, + eval's rstd gamma dbeta shift^T.
 // Deterministic: no floating-point atomics anywhere. Every global access goes through
 // load_act / store_act / load_param / store_param, which the emulation counts.
@@ -86,7 +87,8 @@
 // Not done yet: cp.async pipelines (double buffering); wgmma; dW without the dy round trip
 // (folded into B3, the fp32 dW held across a cluster's shared memory over many row tiles:
 // bench/results/cuda_traffic.md, "Why dW is not fused into B3 yet"); B4 grids of 2 waves
-// where M is small (more splits would add fp32 workspace traffic).
+// on the H' = 4 shapes (at most 16 blocks a cluster: more would need more splits, which add
+// fp32 workspace traffic).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -998,43 +1000,56 @@ __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
 // each segment from the block that staged it. dy is then read
 // ceil(C_in / (64 cy)) times and p ceil(C_out / (kDwRows cx)) times; every block still adds
 // the positions in ascending order, so the partials do not depend on the cluster.
+// Where the tiles and splits give under 2 waves, a split's positions go to cz parts of whole
+// steps (a cluster of cx x cy x cz blocks): each z-rank runs the x-y cluster above on its
+// part, then rank 0 adds the other ranks' accumulators from their shared memory in rank
+// order and writes the split's one partial; more blocks, no more workspace. Without clusters
+// each part writes its own partial and dw_reduce_kernel sums every split's cz parts in the
+// same order, so dW is bitwise the same.
 template <typename scalar_t>
 constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
 
 // Byte offsets of the dW kernel's shared memory (host and device): this block's shares of
 // the step, sa segments of the dy tile ([kDwRows][KD + KPAD] each) and sb of the p tile
-// ([64][KD + KPAD] each), and the sb KD offsets into saved of its p positions.
+// ([64][KD + KPAD] each), and the sb KD offsets into saved of its p positions. With z-ranks
+// the same memory then holds the block's accumulators (kDwRows x 64 acc_t) for rank 0.
 struct DwSmem {
   int sa, sb, bs, offs, total;
-  __host__ __device__ DwSmem(int rows, int cx, int cy, int elt_size) {
+  __host__ __device__ DwSmem(int rows, int cx, int cy, int cz, int elt_size, int acc_size) {
     const int segments = cx > cy ? cx : cy;  // per step
     sa = segments / cy;
     sb = segments / cx;
     bs = round_up(sa * rows * (KD + KPAD) * elt_size, 16);
     offs = bs + round_up(sb * TN * (KD + KPAD) * elt_size, 16);
     total = offs + sb * KD * 8;
+    if (cz > 1 && total < rows * TN * acc_size) total = rows * TN * acc_size;
   }
 };
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     const scalar_t* dy, Act<const scalar_t> p, const acc_t* shift, bool p_cfast, bool dy_vec, int p_vec, int C_in,
-    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, int cx, int cy, bool tf32, acc_t* ws) {
+    int C_out, int Ho, int Wo, int64_t M, int64_t chunk, int cx, int cy, int cz, bool tf32, acc_t* ws) {
   constexpr int ld = KD + KPAD, ROWS = kDwRows<scalar_t>;
   HIRES_DYNAMIC_SHARED(smem);
-  const DwSmem L(ROWS, cx, cy, sizeof(scalar_t));
+  const DwSmem L(ROWS, cx, cy, cz, sizeof(scalar_t), sizeof(acc_t));
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L.bs);
   int64_t* row_off = reinterpret_cast<int64_t*>(smem + L.offs);
-  require_clusters(cx * cy);
-  const int bx = blockIdx.x % cx, by = blockIdx.y % cy, na = L.sa * KD, nb = L.sb * KD;
+  require_clusters(cx * cy * cz);
+  const int bx = blockIdx.x % cx, by = blockIdx.y % cy, bz = blockIdx.z % cz, na = L.sa * KD, nb = L.sb * KD;
+  const int z_rank = cx * cy * bz;  // cluster rank of this z-rank's block (0, 0)
   const int64_t co0 = (int64_t)blockIdx.x * ROWS, ci0 = (int64_t)blockIdx.y * TN;
+  // Part blockIdx.z: chunk positions (whole steps). Every block of a cluster takes as many
+  // steps as its z-rank 0 (the cluster barriers are collective); past its end it stages zeros.
   const int64_t k_begin = (int64_t)blockIdx.z * chunk, k_end = min64(M, k_begin + chunk);
+  const int64_t step = (int64_t)na * cy, k_first = k_begin - bz * chunk;
+  const int64_t steps = (min64(M, k_first + chunk) - k_first + step - 1) / step;
   const int64_t hw = (int64_t)Ho * Wo;
   const Frag f(ROWS);
   acc_t acc[ROWS / 16][4];
   zero(acc);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += (int64_t)na * cy) {
+  for (int64_t k0 = k_begin; k0 < k_begin + steps * step; k0 += step) {
     const int64_t ka = k0 + (int64_t)by * na, kb = k0 + (int64_t)bx * nb;  // this block's shares
     if (threadIdx.x < nb) {  // saved's offset of each position of the p share
       const int64_t m = min64(kb + threadIdx.x, M - 1), n = m / hw, rem = m - n * hw;
@@ -1086,13 +1101,31 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
 #pragma unroll 1
     for (int t = 0; t < L.sa * cy; ++t) {  // segment t: positions k0 + t KD .. + KD, in order
       const int a_by = t / L.sa, b_bx = t / L.sb;  // the blocks that staged it (own shares read locally)
-      const scalar_t* A = (a_by == by ? As : cluster_peer(As, bx + cx * a_by)) + t % L.sa * ROWS * ld;
-      const scalar_t* B = (b_bx == bx ? Bs : cluster_peer(Bs, b_bx + cx * by)) + t % L.sb * TN * ld;
+      const scalar_t* A = (a_by == by ? As : cluster_peer(As, z_rank + bx + cx * a_by)) + t % L.sa * ROWS * ld;
+      const scalar_t* B = (b_bx == bx ? Bs : cluster_peer(Bs, z_rank + b_bx + cx * by)) + t % L.sb * TN * ld;
       mma_chunk(acc, A, ld, B, ld, KD, f, tf32);
     }
     cluster_sync();  // every block done with the step's shares before they are restaged
   }
-  acc_t* out = ws + (int64_t)blockIdx.z * C_out * C_in;
+  if (cz > 1) {  // z-rank 0 adds the others' parts in rank order; its partial is the split's
+    acc_t* park = reinterpret_cast<acc_t*>(smem);
+#pragma unroll
+    for (int j = 0; j < ROWS / 16; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) park[(j * 4 + v) * NT + threadIdx.x] = acc[j][v];
+    cluster_sync();
+    if (bz == 0)
+      for (int r = 1; r < cz; ++r) {
+        const acc_t* peer = cluster_peer(park, cx * cy * r + bx + cx * by);
+#pragma unroll
+        for (int j = 0; j < ROWS / 16; ++j)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[j][v] += peer[(j * 4 + v) * NT + threadIdx.x];
+      }
+    cluster_sync();  // a block's shared memory stays until rank 0 has read it
+    if (bz != 0) return;
+  }
+  acc_t* out = ws + (int64_t)(blockIdx.z / cz) * C_out * C_in;
 #pragma unroll
   for (int j = 0; j < ROWS / 16; ++j)
 #pragma unroll
@@ -1102,17 +1135,22 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     }
 }
 
-// dW[co][ci] = the splits summed in a fixed order; in eval, + rstd gamma dbeta shift[ci]:
-// the partials summed dy (p - shift)^T and dW needs dy p^T. (In training sum_m dy = 0, so
-// the shift drops out exactly.)
+// dW[co][ci] = the splits summed in a fixed order, each split the sum of its `group` partials
+// in order (its parts, where no cluster summed them: the order z-rank 0 adds them in); in
+// eval, + rstd gamma dbeta shift[ci]: the partials summed dy (p - shift)^T and dW needs
+// dy p^T. (In training sum_m dy = 0, so the shift drops out exactly.)
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
-    const acc_t* ws, int64_t splits, int C_out, int C_in, acc_t* dw, const acc_t* shift, const acc_t* var,
+    const acc_t* ws, int64_t splits, int group, int C_out, int C_in, acc_t* dw, const acc_t* shift, const acc_t* var,
     const acc_t* gamma, const acc_t* dbeta, acc_t eps) {
   const int64_t numel = (int64_t)C_out * C_in;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
     acc_t s = 0;
-    for (int64_t z = 0; z < splits; ++z) s += load_act(ws + z * numel + i);
+    for (int64_t z = 0; z < splits; ++z) {
+      acc_t split = 0;
+      for (int g = 0; g < group; ++g) split += load_act(ws + (z * group + g) * numel + i);
+      s += split;
+    }
     if (shift != nullptr) {
       const int64_t co = i / C_in;
       const acc_t rstd = inv_sqrt(load_param(var + co) + eps);
@@ -1453,16 +1491,17 @@ bool cluster_fits(F* kernel, const cudaLaunchConfig_t& config, dim3 cluster, int
   });
 }
 
-// A launch configuration in clusters of (cx, cy, 1) blocks (none for 1 x 1), and its attribute.
+// A launch configuration in clusters of `cluster` blocks (none for 1 x 1 x 1), and its attribute.
 struct ClusterLaunch {
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config;
-  ClusterLaunch(dim3 grid, unsigned cx, unsigned cy, int smem, cudaStream_t stream) {
+  ClusterLaunch(dim3 grid, dim3 cluster, int smem, cudaStream_t stream) {
     attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = cx;
-    attribute.val.clusterDim.y = cy;
-    attribute.val.clusterDim.z = 1;
-    config = cudaLaunchConfig_t{grid, dim3(NT), (size_t)smem, stream, &attribute, cx * cy > 1 ? 1u : 0u};
+    attribute.val.clusterDim.x = cluster.x;
+    attribute.val.clusterDim.y = cluster.y;
+    attribute.val.clusterDim.z = cluster.z;
+    config = cudaLaunchConfig_t{grid, dim3(NT), (size_t)smem, stream, &attribute,
+                                cluster.x * cluster.y * cluster.z > 1 ? 1u : 0u};
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config points at attribute
 };
@@ -1503,10 +1542,10 @@ void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t st
   TORCH_CHECK(l.tiles * l.cs <= INT32_MAX, "projection (cuda): problem too large for the grid");
   allow_device_smem(kernel, l.device);
   k.cs = l.cs;
-  while (k.cs > 1 && !cluster_fits(kernel, ClusterLaunch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream).config,
-                                   dim3(k.cs), l.device))
+  while (k.cs > 1 && !cluster_fits(kernel, ClusterLaunch(dim3((unsigned)(l.tiles * k.cs)), dim3(k.cs), l.smem,
+                                                         stream).config, dim3(k.cs), l.device))
     k.cs /= 2;
-  const ClusterLaunch launch(dim3((unsigned)(l.tiles * k.cs)), k.cs, 1, l.smem, stream);
+  const ClusterLaunch launch(dim3((unsigned)(l.tiles * k.cs)), dim3(k.cs), l.smem, stream);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, rows_kernel<scalar_t, acc_t, EPI>, k));
 }
 
@@ -1514,13 +1553,18 @@ void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t st
 // least 256 positions per split), and on sm_90 clusters of cx x cy tiles of a split that share
 // their operands: the largest (up to 4 x 4) that tile the grid, leave 2 blocks per SM their
 // shared memory and that the device can schedule (cudaOccupancyMaxActiveClusters), halving
-// the longer side until they do; 1 x 1 otherwise. The splits are whole steps of the largest
-// cluster whether or not clusters run (or which fit): every block of every choice then adds
-// the same positions in the same order, and dW is bitwise the same.
+// the longer side until they do; 1 x 1 otherwise. Where that gives under 2 waves, each split
+// goes to cz = 2 or 4 parts of whole steps (the fewest that reach 2 waves, with at most 16
+// blocks a cluster), z-ranks of the cluster where it fits, else separate blocks with a
+// partial each (`group` of them a split for dw_reduce_kernel). The parts are whole steps of
+// the largest cluster whether or not clusters run (or which fit): every block of every choice
+// then adds the same positions in the same order, and dW is bitwise the same.
 struct DwLaunch {
   dim3 grid, cluster;
   int smem;
-  int64_t chunk;
+  int64_t chunk;     // positions per part
+  int64_t partials;  // written to the workspace
+  int group;         // partials per split
 };
 
 template <typename scalar_t, typename acc_t>
@@ -1530,29 +1574,39 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   const int smem_max = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t tiles_co = cdiv(C_out, kDwRows<scalar_t>), tiles_ci = cdiv(C_in, TN);
   TORCH_CHECK(tiles_co <= INT32_MAX && tiles_ci <= 65535, "projection_backward (cuda): problem too large for the grid");
-  unsigned cx = 1, cy = 1;
+  unsigned cx = 1, cy = 1, cz = 1;
   while (cx < 4 && tiles_co % (2 * cx) == 0) cx *= 2;
   while (cy < 4 && tiles_ci % (2 * cy) == 0) cy *= 2;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({cdiv(4 * sms, tiles_co * tiles_ci), cdiv(M, 256), 65535}));
+  const int64_t tiles = tiles_co * tiles_ci;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({cdiv(4 * sms, tiles), cdiv(M, 256), 65535}));
   const int64_t span = KD * std::max(cx, cy);  // the largest cluster's step
+  const int64_t per_split = cdiv(M, splits);
+  while (cz < 4 && cx * cy * cz * 2 <= 16 && tiles * splits * cz < 4 * sms && per_split >= 2 * cz * span) cz *= 2;
+  const unsigned parts = cz;  // per split
   DwLaunch d;
-  d.chunk = cdiv(cdiv(M, splits), span) * span;
-  d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)cdiv(M, d.chunk));
+  d.chunk = cdiv(per_split, parts * span) * span;
+  d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)(cdiv(M, d.chunk * parts) * parts));
+  TORCH_CHECK(d.grid.z <= 65535, "projection_backward (cuda): problem too large for the grid");
   allow_device_smem(dw_partial_kernel<scalar_t, acc_t>, device);
-  if (!clusters_enabled(device)) cx = cy = 1;
+  if (!clusters_enabled(device)) cx = cy = cz = 1;
   for (;;) {
-    d.cluster = dim3(cx, cy, 1);
-    d.smem = DwSmem(kDwRows<scalar_t>, (int)cx, (int)cy, sizeof(scalar_t)).total;
-    if (cx * cy == 1) return d;
+    d.cluster = dim3(cx, cy, cz);
+    d.smem = DwSmem(kDwRows<scalar_t>, (int)cx, (int)cy, (int)cz, sizeof(scalar_t), sizeof(acc_t)).total;
+    if (cx * cy * cz == 1) break;
     if (d.smem <= smem_sm / 2 - 1024 && d.smem <= smem_max &&
-        cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, cx, cy, d.smem, 0).config, d.cluster,
+        cluster_fits(dw_partial_kernel<scalar_t, acc_t>, ClusterLaunch(d.grid, d.cluster, d.smem, 0).config, d.cluster,
                      device))
-      return d;
-    if (cx >= cy)
+      break;
+    if (cz > 1)
+      cz = 1;  // a part's partial per block (group) keeps the order; halving cz would not
+    else if (cx >= cy)
       cx /= 2;
     else
       cy /= 2;
   }
+  d.group = (int)(parts / cz);
+  d.partials = d.grid.z / cz;
+  return d;
 }
 
 // Whether a kernel may access activation t in 16-byte runs of channels: its channel stride
@@ -1843,15 +1897,14 @@ BackwardResult projection_backward_cuda(const at::Tensor& grad_out_, const at::T
     TORCH_CHECK(k.src_vec != WINDOWS, "projection_backward (cuda): internal error: the dW kernel reads saved in "
                 "windows");
     const DwLaunch d = dw_launch<scalar_t, acc_t>(M, C_in, C_out, device);
-    const int64_t splits = d.grid.z;
-    at::Tensor ws = at::empty({splits, C_out, C_in}, aopt);
-    const ClusterLaunch launch(d.grid, d.cluster.x, d.cluster.y, d.smem, stream);
+    at::Tensor ws = at::empty({d.partials, C_out, C_in}, aopt);
+    const ClusterLaunch launch(d.grid, d.cluster, d.smem, stream);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, dw_partial_kernel<scalar_t, acc_t>, k.dy, k.src, sub, k.src_cfast,
                                       C_out % Vec16<scalar_t>::n == 0, k.src_vec, (int)C_in, (int)C_out, (int)Ho,
-                                      (int)Wo, M, d.chunk, (int)d.cluster.x, (int)d.cluster.y, k.tf32,
+                                      (int)Wo, M, d.chunk, (int)d.cluster.x, (int)d.cluster.y, (int)d.cluster.z, k.tf32,
                                       ws.data_ptr<acc_t>()));
     dw_reduce_kernel<acc_t><<<(unsigned)std::min<int64_t>(cdiv(C_out * C_in, FIN_THREADS), sms), FIN_THREADS, 0, stream>>>(
-        ws.data_ptr<acc_t>(), splits, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
+        ws.data_ptr<acc_t>(), d.partials / d.group, d.group, (int)C_out, (int)C_in, dweight.data_ptr<acc_t>(),
         training ? nullptr : shift_c.data_ptr<acc_t>(), k.var, k.gamma, k.dbeta, k.eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
