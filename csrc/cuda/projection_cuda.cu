@@ -1108,6 +1108,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     cluster_sync();  // every block done with the step's shares before they are restaged
   }
   if (cz > 1) {  // z-rank 0 adds the others' parts in rank order; its partial is the split's
+    static_assert(ROWS / 16 * 4 * NT == ROWS * TN, "the accumulators fill DwSmem's kDwRows x 64 park");
     acc_t* park = reinterpret_cast<acc_t*>(smem);
 #pragma unroll
     for (int j = 0; j < ROWS / 16; ++j)
@@ -1586,7 +1587,6 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
   DwLaunch d;
   d.chunk = cdiv(per_split, parts * span) * span;
   d.grid = dim3((unsigned)tiles_co, (unsigned)tiles_ci, (unsigned)(cdiv(M, d.chunk * parts) * parts));
-  TORCH_CHECK(d.grid.z <= 65535, "projection_backward (cuda): problem too large for the grid");
   allow_device_smem(dw_partial_kernel<scalar_t, acc_t>, device);
   if (!clusters_enabled(device)) cx = cy = cz = 1;
   for (;;) {
