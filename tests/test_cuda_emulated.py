@@ -450,12 +450,23 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
     falls back to single blocks; or $HIRES_CUDA_CLUSTERS=0). z-ranks sum a split's parts in
     shared memory: one partial a split, against one a part without clusters. Both match the
     oracle and, bitwise, each other: every block adds the positions in the same order
-    whatever the cluster, and the reduction adds a split's parts in z-rank order."""
+    whatever the cluster, and z-rank 0 and the reduction sum a split's parts in one order
+    (sum_parts), also where a device schedules only half the z-ranks."""
     n, c_in, c_out, h, w, s, how, dtype = case
     problem = Problem(n, c_in, c_out, h, w, s, how=how, dtype=dtype, seed=8)
     check(problem, emulated_ops, dtype, exact if dtype == torch.float64 else _within_eager(dtype))
     clustered = problem.run_kernels(emulated_ops)
     with_clusters, without = with_and_without_clusters(emulated_ops, problem, dw_launch)
+    if cluster[2] > 1:  # a device that schedules half that cluster: half the z-ranks, twice the partials
+        emulated_ops.set_max_cluster(cluster[0] * cluster[1] * cluster[2] // 2)
+        try:
+            halved = problem.run_kernels(emulated_ops)
+            fewer = dw_launch(emulated_ops)
+        finally:
+            emulated_ops.set_max_cluster(16)
+        assert fewer["cluster"] * 2 == with_clusters["cluster"] and fewer["act_write"] == 2 * with_clusters["act_write"]
+        for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in (clustered, halved))):
+            assert torch.equal(a, b)
     monkeypatch.setenv("HIRES_CUDA_CLUSTERS", "0")
     switched_off = problem.run_kernels(emulated_ops)
     assert dw_launch(emulated_ops) == without

@@ -1000,14 +1000,23 @@ __global__ void __launch_bounds__(FIN_THREADS) bwd_finalize_kernel(
 // each segment from the block that staged it. dy is then read
 // ceil(C_in / (64 cy)) times and p ceil(C_out / (kDwRows cx)) times; every block still adds
 // the positions in ascending order, so the partials do not depend on the cluster.
-// Where the tiles and splits give under 2 waves, a split's positions go to cz parts of whole
-// steps (a cluster of cx x cy x cz blocks): each z-rank runs the x-y cluster above on its
-// part, then rank 0 adds the other ranks' accumulators from their shared memory in rank
-// order and writes the split's one partial; more blocks, no more workspace. Without clusters
-// each part writes its own partial and dw_reduce_kernel sums every split's cz parts in the
-// same order, so dW is bitwise the same.
+// Where the tiles and splits give under 2 waves, a split's positions go to 2 or 4 parts of
+// whole steps, run by the cz z-ranks of a cluster of cx x cy x cz blocks: each z-rank runs
+// the x-y cluster above on its part, then rank 0 sums the ranks' accumulators from their
+// shared memory (sum_parts) and writes one partial; more blocks, no more workspace. With
+// fewer z-ranks than parts (clusters that do not fit, or none) each rank's partial holds
+// fewer parts and dw_reduce_kernel finishes sum_parts over them, so dW is bitwise the same.
 template <typename scalar_t>
 constexpr int kDwRows = kTensorCores<scalar_t> ? 128 : 64;
+
+// The sum of a split's n = 1, 2 or 4 parts, part(r) the r-th, as a pairwise tree:
+// (p0 + p1) + (p2 + p3). z-rank 0 of a cluster of cz ranks and dw_reduce_kernel over the
+// partials of cz' < cz ranks both add in this order, so every choice of cz gives the same bits.
+template <typename T, typename F>
+__device__ __forceinline__ T sum_parts(int n, F part) {
+  if (n == 4) return (part(0) + part(1)) + (part(2) + part(3));
+  return n == 2 ? part(0) + part(1) : part(0);
+}
 
 // Byte offsets of the dW kernel's shared memory (host and device): this block's shares of
 // the step, sa segments of the dy tile ([kDwRows][KD + KPAD] each) and sb of the p tile
@@ -1107,7 +1116,7 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     }
     cluster_sync();  // every block done with the step's shares before they are restaged
   }
-  if (cz > 1) {  // z-rank 0 adds the others' parts in rank order; its partial is the split's
+  if (cz > 1) {  // z-rank 0 sums the ranks' parts (sum_parts); its partial is theirs
     static_assert(ROWS / 16 * 4 * NT == ROWS * TN, "the accumulators fill DwSmem's kDwRows x 64 park");
     acc_t* park = reinterpret_cast<acc_t*>(smem);
 #pragma unroll
@@ -1115,14 +1124,17 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
 #pragma unroll
       for (int v = 0; v < 4; ++v) park[(j * 4 + v) * NT + threadIdx.x] = acc[j][v];
     cluster_sync();
-    if (bz == 0)
-      for (int r = 1; r < cz; ++r) {
-        const acc_t* peer = cluster_peer(park, cx * cy * r + bx + cx * by);
+    if (bz == 0) {
+      const acc_t* peer[4] = {park, nullptr, nullptr, nullptr};
+      for (int r = 1; r < cz; ++r) peer[r] = cluster_peer(park, cx * cy * r + bx + cx * by);
 #pragma unroll
-        for (int j = 0; j < ROWS / 16; ++j)
+      for (int j = 0; j < ROWS / 16; ++j)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) acc[j][v] += peer[(j * 4 + v) * NT + threadIdx.x];
-      }
+        for (int v = 0; v < 4; ++v) {
+          const int at = (j * 4 + v) * NT + threadIdx.x;
+          acc[j][v] = sum_parts<acc_t>(cz, [&](int r) { return r == 0 ? acc[j][v] : peer[r][at]; });
+        }
+    }
     cluster_sync();  // a block's shared memory stays until rank 0 has read it
     if (bz != 0) return;
   }
@@ -1136,9 +1148,8 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
     }
 }
 
-// dW[co][ci] = the splits summed in a fixed order, each split the sum of its `group` partials
-// in order (its parts, where no cluster summed them: the order z-rank 0 adds them in); in
-// eval, + rstd gamma dbeta shift[ci]: the partials summed dy (p - shift)^T and dW needs
+// dW[co][ci] = the splits summed in a fixed order, each split the sum_parts of its `group`
+// partials (its parts, or pairs of them, that no cluster summed); in eval, + rstd gamma dbeta shift[ci]: the partials summed dy (p - shift)^T and dW needs
 // dy p^T. (In training sum_m dy = 0, so the shift drops out exactly.)
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
@@ -1147,11 +1158,8 @@ __global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
   const int64_t numel = (int64_t)C_out * C_in;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
     acc_t s = 0;
-    for (int64_t z = 0; z < splits; ++z) {
-      acc_t split = 0;
-      for (int g = 0; g < group; ++g) split += load_act(ws + (z * group + g) * numel + i);
-      s += split;
-    }
+    for (int64_t z = 0; z < splits; ++z)
+      s += sum_parts<acc_t>(group, [&](int g) { return load_act(ws + (z * group + g) * numel + i); });
     if (shift != nullptr) {
       const int64_t co = i / C_in;
       const acc_t rstd = inv_sqrt(load_param(var + co) + eps);
@@ -1552,14 +1560,15 @@ void launch_rows(RowArgs<scalar_t, acc_t> k, const RowLaunch& l, cudaStream_t st
 
 // The dW kernel's launch: tiles of kDwRows x 64 channels, split over m (2 waves of tiles, at
 // least 256 positions per split), and on sm_90 clusters of cx x cy tiles of a split that share
-// their operands: the largest (up to 4 x 4) that tile the grid, leave 2 blocks per SM their
-// shared memory and that the device can schedule (cudaOccupancyMaxActiveClusters), halving
-// the longer side until they do; 1 x 1 otherwise. Where that gives under 2 waves, each split
-// goes to cz = 2 or 4 parts of whole steps (the fewest that reach 2 waves, with at most 16
-// blocks a cluster), z-ranks of the cluster where it fits, else separate blocks with a
-// partial each (`group` of them a split for dw_reduce_kernel). The parts are whole steps of
-// the largest cluster whether or not clusters run (or which fit): every block of every choice
-// then adds the same positions in the same order, and dW is bitwise the same.
+// their operands: the largest (up to 4 x 4) that tile the grid. Where that gives under 2
+// waves, each split goes to 2 or 4 parts of whole steps (the fewest that reach 2 waves, with
+// at most 16 blocks a cluster), run by the cluster's z-ranks. A cluster must leave 2 blocks
+// per SM their shared memory and be one the device can schedule
+// (cudaOccupancyMaxActiveClusters); until it is, its z is halved (a split's parts then go to
+// `group` partials for dw_reduce_kernel), then its longer side; 1 x 1 x 1 without clusters.
+// The parts are whole steps of the largest cluster whether or not clusters run (or which
+// fit): every block of every choice then adds the same positions in the same order, and
+// sum_parts the same parts in the same order, so dW is bitwise the same.
 struct DwLaunch {
   dim3 grid, cluster;
   int smem;
@@ -1598,7 +1607,7 @@ DwLaunch dw_launch(int64_t M, int64_t C_in, int64_t C_out, int device) {
                      device))
       break;
     if (cz > 1)
-      cz = 1;  // a part's partial per block (group) keeps the order; halving cz would not
+      cz /= 2;  // fewer z-ranks, more partials a split (group): sum_parts keeps the order
     else if (cx >= cy)
       cx /= 2;
     else
