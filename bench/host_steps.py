@@ -3,11 +3,11 @@ turn, so that a machine's drift hits them all alike (pytest-benchmark runs one c
 the other). Prints each model's percentiles and their ratio to ResNet-18's; with --parts,
 also the forward + backward and the SGD step of each model apart (p10 of 1,000 calls).
 
-HiResNet-18 runs with sources "all" and "stem" in three ways: ``eager`` projections,
-``fused`` ones (each source pooled once for all its targets), and, for "all", two ways that
-place the fused ones: ``fused-separate`` (every projection pools its source itself, as
-without pool_source) and ``none`` (projections that return their residual untouched: the
-hierarchy's bookkeeping alone).
+HiResNet-18 runs with sources "all" and "stem", with ``eager`` or ``fused`` projections
+(each source pooled once for all its targets), and with sources "all" in two more variants:
+``fused-separate`` (every fused projection pools its source itself, as without pool_source)
+and ``none`` (projections that return their residual untouched: the hierarchy's bookkeeping
+alone).
 
     python bench/host_steps.py [--rounds 400] [--parts]
 """
