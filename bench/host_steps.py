@@ -94,7 +94,8 @@ def main(argv=None):
     if args.parts:
         for k, (_, forward_backward, opt_step) in made.items():
             # forward_backward leaves gradients, so the optimizer step is timed on real ones.
-            print(f"{k:30s} forward+backward {p10_us(forward_backward, 300):.0f} us  SGD step {p10_us(opt_step):.0f} us")
+            print(f"{k:30s} forward+backward {p10_us(forward_backward, 300):.0f} us  "
+                  f"SGD step {p10_us(opt_step):.0f} us")
 
 
 if __name__ == "__main__":

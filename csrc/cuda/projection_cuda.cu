@@ -1149,8 +1149,9 @@ __global__ void __launch_bounds__(NT, 2) dw_partial_kernel(
 }
 
 // dW[co][ci] = the splits summed in a fixed order, each split the sum_parts of its `group`
-// partials (its parts, or pairs of them, that no cluster summed); in eval, + rstd gamma dbeta shift[ci]: the partials summed dy (p - shift)^T and dW needs
-// dy p^T. (In training sum_m dy = 0, so the shift drops out exactly.)
+// partials (its parts, or pairs of them, that no cluster summed); in eval, + rstd gamma
+// dbeta shift[ci]: the partials summed dy (p - shift)^T and dW needs dy p^T. (In training
+// sum_m dy = 0, so the shift drops out exactly.)
 template <typename acc_t>
 __global__ void __launch_bounds__(FIN_THREADS) dw_reduce_kernel(
     const acc_t* ws, int64_t splits, int group, int C_out, int C_in, acc_t* dw, const acc_t* shift, const acc_t* var,
