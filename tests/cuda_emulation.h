@@ -9,8 +9,10 @@
 // cluster; such kernels keep all their shared memory dynamic (a static __shared__ here is one
 // for the whole launch).
 // Outputs and scratch come from emu_empty, filled with NaN: a value a kernel fails to
-// write shows up in the comparison with the reference. A launch a GPU would refuse or
-// fault on fails here too: a misaligned global access, a block over 1024 threads, more
+// write shows up in the comparison with the reference; so does shared memory (0xff before
+// each block) read before a cp.async copy lands there (at the copying thread's wait) or
+// read in a peer block after that block exits. A launch a GPU would refuse or fault on
+// fails here too: a misaligned global access, a block over 1024 threads, more
 // than 48 KiB of dynamic shared memory without the kernel's limit raised, a grid its
 // clusters do not tile, a cluster over 8 blocks without the kernel's non-portable size
 // allowed or over 16, a peer mapping outside the block's shared memory.
@@ -25,6 +27,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -50,13 +53,46 @@ struct emu_uint3 {
 inline thread_local emu_uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
+// The barriers: std::barrier, except under ThreadSanitizer (test_cuda_races.py), where a
+// barrier of n threads synchronises them through its own mutex alone, so that it orders
+// exactly its participants, as __syncthreads does a block's threads. libstdc++'s
+// std::barrier waits through a process-wide pool of atomic counters that unrelated barriers
+// share, which would order threads that no barrier orders and could hide a race; it is
+// several times faster, which the plain emulation needs.
+#if defined(__SANITIZE_THREAD__)
+class EmuBarrier {
+ public:
+  explicit EmuBarrier(unsigned n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      all_arrived_.notify_all();
+      return;
+    }
+    all_arrived_.wait(lock, [&] { return generation_ != generation; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  const unsigned n_;
+  unsigned arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+#else
+using EmuBarrier = std::barrier<>;
+#endif
+
 // The blocks that run at once (one, or a cluster's): each thread's block barrier, rank in
 // the cluster, and warp among the warps of all of them (which indexes the warp state below).
 constexpr int EMU_MAX_CLUSTER = 16, EMU_WARPS = EMU_MAX_CLUSTER * 32;
-inline thread_local std::barrier<>* emu_block_barrier = nullptr;
+inline thread_local EmuBarrier* emu_block_barrier = nullptr;
 inline thread_local unsigned emu_rank = 0, emu_warp = 0;
-inline std::barrier<>* emu_cluster_barrier = nullptr;
-inline std::barrier<>* emu_warp_barrier[EMU_WARPS];
+inline EmuBarrier* emu_cluster_barrier = nullptr;
+inline EmuBarrier* emu_warp_barrier[EMU_WARPS];
 inline double emu_shuffle[EMU_WARPS][32];
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
@@ -103,6 +139,32 @@ T* cluster_peer(T* p, int rank) {
     return p;
   }
   return reinterpret_cast<T*>(emu_cluster_smem[rank] + (at - emu_dynamic_smem));
+}
+
+// cp.async (the kernels' copy_run_async): a thread's copies land in shared memory at its
+// copy_async_wait (cp.async.wait_all), as a GPU guarantees no sooner: a read before the
+// wait, by the thread or by another, sees the bytes that were there before (NaN where the
+// block has written nothing yet), and under ThreadSanitizer the copy is a write at the
+// wait. A kernel that ends with copies in flight fails the launch. set_wait_copies(false)
+// drops the waits, to test that check.
+struct EmuCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+inline thread_local std::vector<EmuCopy> emu_copies_in_flight;
+inline std::atomic<bool> emu_unwaited_copy{false};
+inline bool emu_wait_copies = true;
+template <typename V>
+void emu_copy_async(void* dst, const V& value) {
+  static_assert(sizeof(V) == 16, "cp.async copies 16 bytes here");
+  EmuCopy copy{dst, {}};
+  std::memcpy(copy.bytes, &value, sizeof(V));
+  emu_copies_in_flight.push_back(copy);
+}
+inline void emu_copy_async_wait() {
+  if (!emu_wait_copies) return;
+  for (const auto& copy : emu_copies_in_flight) std::memcpy(copy.dst, copy.bytes, sizeof copy.bytes);
+  emu_copies_in_flight.clear();
 }
 
 // Traffic: the bytes each thread's global loads and stores request (the kernels' load_act,
@@ -303,6 +365,9 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, F*, const cudaLaunchCo
   return cudaSuccess;
 }
 
+// A block's shared memory as the block exits: gone (0xff, NaN in every float type).
+inline void emu_block_exit(std::vector<unsigned char>& smem) { std::fill(smem.begin(), smem.end(), 0xff); }
+
 inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* name, const void* kernel_id,
                        const std::function<void()>& kernel, dim3 cluster = dim3(1, 1, 1)) {
   TORCH_CHECK(block.x <= 1024 && block.y == 1 && block.z == 1, "emulated launch: block ", block.x, "x", block.y,
@@ -328,19 +393,19 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
   blockDim = block;
   gridDim = grid;
   const unsigned warps = (block.x + 31) / 32;
-  std::vector<std::unique_ptr<std::barrier<>>> block_barriers, warp_barriers;
+  std::vector<std::unique_ptr<EmuBarrier>> block_barriers, warp_barriers;
   for (unsigned r = 0; r < ranks; ++r) {
-    block_barriers.push_back(std::make_unique<std::barrier<>>(block.x));
+    block_barriers.push_back(std::make_unique<EmuBarrier>(block.x));
     for (unsigned w = 0; w < warps; ++w) {
-      warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block.x - 32 * w)));
+      warp_barriers.push_back(std::make_unique<EmuBarrier>(std::min(32u, block.x - 32 * w)));
       emu_warp_barrier[r * warps + w] = warp_barriers.back().get();
     }
   }
-  std::barrier<> cluster_barrier(block.x * ranks);
+  EmuBarrier cluster_barrier(block.x * ranks);
   emu_cluster_barrier = &cluster_barrier;
-  // Filled with 0xff (NaN in every float type) before each block: a read of shared memory
-  // that nothing wrote shows up in the results.
-  std::vector<std::vector<unsigned char>> smem(ranks, std::vector<unsigned char>(dynamic_smem + 16));
+  // Filled with 0xff (NaN in every float type) at first and as each block ends: a read of
+  // shared memory that nothing wrote shows up in the results.
+  std::vector<std::vector<unsigned char>> smem(ranks, std::vector<unsigned char>(dynamic_smem + 16, 0xff));
   emu_cluster_smem.clear();
   for (auto& buffer : smem)
     emu_cluster_smem.push_back(buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) % 16) % 16);
@@ -352,8 +417,11 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
     return;
   }
   // One std::thread per CUDA thread of each block that runs at once (a cluster's): each runs
-  // its thread of its block of every cluster in turn, with a cluster barrier between clusters
-  // (thread 0 of each block refills its shared memory).
+  // its thread of its block of every cluster in turn, with a cluster barrier between clusters.
+  // A block's shared memory ends with it: thread 0 refills it as soon as the block's own
+  // threads are done, in no order with the other blocks of its cluster, so a peer reading it
+  // after the block exits (no cluster barrier in between) reads NaN, and under
+  // ThreadSanitizer races with the refill.
   std::vector<std::thread> threads;
   threads.reserve(block.x * ranks);
   for (unsigned r = 0; r < ranks; ++r)
@@ -372,10 +440,14 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
         for (unsigned bz = 0; bz < grid.z; bz += cluster.z)
           for (unsigned by = 0; by < grid.y; by += cluster.y)
             for (unsigned bx = 0; bx < grid.x; bx += cluster.x) {
-              if (t == 0) std::fill(smem[r].begin(), smem[r].end(), 0xff);
-              cluster_barrier.arrive_and_wait();
               blockIdx = {bx + rx, by + ry, bz + rz};
               kernel();
+              if (!emu_copies_in_flight.empty()) {
+                emu_unwaited_copy = true;
+                emu_copies_in_flight.clear();
+              }
+              emu_block_barrier->arrive_and_wait();
+              if (t == 0) emu_block_exit(smem[r]);
               cluster_barrier.arrive_and_wait();
             }
         const std::lock_guard<std::mutex> lock(emu_launches_mutex);
@@ -384,9 +456,13 @@ inline void emu_launch(dim3 grid, dim3 block, size_t dynamic_smem, const char* n
         for (int i = 0; i < 4; ++i) record.wide[i] += emu_thread_wide[i];
       });
   for (auto& th : threads) th.join();
-  TORCH_CHECK(!emu_bad_peer.exchange(false), "emulated launch ", name, ": cluster_peer of an address outside the "
-              "block's dynamic shared memory, or of a rank outside the cluster");
+  // Every flag cleared before any is reported, so that a failed launch leaves none to the next.
+  const bool bad_peer = emu_bad_peer.exchange(false), unwaited = emu_unwaited_copy.exchange(false);
   const uintptr_t misaligned = emu_misaligned.exchange(0);
+  TORCH_CHECK(!bad_peer, "emulated launch ", name, ": cluster_peer of an address outside the block's dynamic "
+              "shared memory, or of a rank outside the cluster");
+  TORCH_CHECK(!unwaited, "emulated launch ", name, ": a thread ended with cp.async copies it never waited for "
+              "(copy_async_wait): on a GPU they land at an unknown time");
   TORCH_CHECK(misaligned == 0, "emulated launch ", name, ": a ", emu_misaligned_bytes.load(),
               "-byte global access at address ", misaligned, " is not aligned to its size (a GPU would fault)");
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
@@ -402,7 +478,7 @@ inline cudaError_t emu_launch_ex(const cudaLaunchConfig_t& config, const char* n
 }
 
 // "name blocks threads dynamic_smem act_read act_write param_read param_write
-// watched_read watched_write wide_read wide_write cluster wide_param_read wide_param_write"
+// watched_read watched_write wide_read wide_write cluster wide_param_read"
 // per launch since the last call (wide: of 16-byte accesses).
 inline std::string emu_traffic() {
   const std::lock_guard<std::mutex> lock(emu_launches_mutex);
@@ -412,7 +488,7 @@ inline std::string emu_traffic() {
     for (int64_t b : r.bytes) log += " " + std::to_string(b);
     for (int64_t b : r.watched) log += " " + std::to_string(b);
     for (int i = 0; i < 2; ++i) log += " " + std::to_string(r.wide[i]);
-    log += " " + std::to_string(r.cluster) + " " + std::to_string(r.wide[2]) + " " + std::to_string(r.wide[3]) + "\n";
+    log += " " + std::to_string(r.cluster) + " " + std::to_string(r.wide[2]) + "\n";
   }
   emu_launches.clear();
   return log;
@@ -434,6 +510,7 @@ inline void emu_set_honour_attributes(bool on) {
 }
 inline void emu_set_max_cluster(int64_t blocks) { emu_max_cluster = static_cast<int>(blocks); }
 inline void emu_set_smem_optin(int64_t bytes) { emu_smem_optin = static_cast<int>(bytes); }
+inline void emu_set_wait_copies(bool on) { emu_wait_copies = on; }
 
 TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("traffic", &emu_traffic);
@@ -443,6 +520,7 @@ TORCH_LIBRARY_FRAGMENT(hires_cuda_emulated, m) {
   m.def("set_honour_attributes", &emu_set_honour_attributes);
   m.def("set_max_cluster", &emu_set_max_cluster);
   m.def("set_smem_optin", &emu_set_smem_optin);
+  m.def("set_wait_copies", &emu_set_wait_copies);
 }
 
 inline at::Tensor emu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -101,17 +101,20 @@ def test_every_launch_is_rewritten():
 
 
 @functools.lru_cache(maxsize=None)
-def build_emulated_ops(build_dir: str):
-    """Builds the emulated kernels once per process (test_cuda_traffic.py shares them)."""
+def build_emulated_ops(build_dir: str, flags=(), edit=None):
+    """Builds the emulated kernels once per process (test_cuda_traffic.py shares them) and
+    loads them as torch.ops.hires_cuda_emulated; `flags` go to the compiler and the linker
+    (test_cuda_races.py: ThreadSanitizer), `edit` rewrites the .cu text first (a mutation)."""
     from torch.utils.cpp_extension import load
 
     os.makedirs(build_dir, exist_ok=True)
     src = os.path.join(build_dir, "projection_cuda_emulated.cpp")
     with open(SOURCE) as f, open(src, "w") as out:
-        out.write(emulated_source(f.read()))
+        cu = f.read()
+        out.write(emulated_source(edit(cu) if edit else cu))
     load(name="hires_cuda_emulated", sources=[src], is_python_module=False, build_directory=build_dir,
          extra_include_paths=[os.path.dirname(PRELUDE), os.path.dirname(SOURCE)],
-         extra_cflags=["-O1", "-std=c++20", "-w"], verbose=False)
+         extra_cflags=["-O1", "-std=c++20", "-w", *flags], extra_ldflags=list(flags), verbose=False)
     return torch.ops.hires_cuda_emulated
 
 
@@ -394,6 +397,21 @@ def test_emulated_weight_off_16_byte_alignment_is_read_element_by_element(emulat
         assert torch.equal(a, b)
 
 
+def test_emulated_cp_async_copies_must_be_waited_for(emulated_ops):
+    """cp.async copies (copy_run_async: channels_last rows staged as they are, grad_out staged
+    for the backward statistics) land in shared memory at the copying thread's wait in the
+    emulation, as a GPU guarantees no sooner. A kernel whose threads never wait
+    (set_wait_copies(False)) fails its launch; with the waits the same call matches the oracle."""
+    problem = Problem(2, 64, 128, 8, 8, 2, how="channels_last", dtype=torch.bfloat16, seed=1)
+    emulated_ops.set_wait_copies(False)
+    try:
+        with pytest.raises(RuntimeError, match="never waited for"):
+            problem.run_kernels(emulated_ops)
+    finally:
+        emulated_ops.set_wait_copies(True)
+        emulated_ops.traffic()
+    check(problem, emulated_ops, torch.bfloat16, _within_eager(torch.bfloat16))
+
 # (N, C_in, C_out, H, W, stride, layout, dtype) -> the dW kernel's cluster (tiles of 128 output
 # channels in bf16, 64 otherwise, by 64 input channels; z-ranks each summing a part of a
 # split): 2 x 4 tiles (steps of 128 positions, each block staging 32 of its dy tile's and 64 of
@@ -430,6 +448,12 @@ def with_and_without_clusters(ops, problem, launches):
     for a, b in zip(torch.utils._pytree.tree_leaves(clustered), torch.utils._pytree.tree_leaves(single)):
         assert torch.equal(a, b)
     return with_clusters, without
+
+
+def dw_tile_counts(c_in, c_out, dtype) -> tuple[int, int]:
+    """The dW kernel's tiles along C_out and C_in: kDwRows (128 on tensor cores, bf16 and
+    fp16; else 64) output x 64 input channels."""
+    return -(-c_out // (128 if dtype in (torch.bfloat16, torch.float16) else 64)), -(-c_in // 64)
 
 
 def dw_launch(ops) -> dict:
@@ -473,7 +497,7 @@ def test_emulated_dw_clusters_read_operands_once_and_equal_single_blocks(emulate
     for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in (clustered, switched_off))):
         assert torch.equal(a, b)
     m, e = n * (h // s) * (w // s), torch.finfo(dtype).bits // 8
-    tiles_co, tiles_ci = -(-c_out // (128 if dtype == torch.bfloat16 else 64)), -(-c_in // 64)
+    tiles_co, tiles_ci = dw_tile_counts(c_in, c_out, dtype)
     assert tiles_co % cluster[0] == 0 and tiles_ci % cluster[1] == 0 and with_clusters["blocks"] == without["blocks"]
     assert with_clusters["cluster"] == cluster[0] * cluster[1] * cluster[2] and without["cluster"] == 1
     assert with_clusters["act_write"] * cluster[2] == without["act_write"]

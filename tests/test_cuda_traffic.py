@@ -38,7 +38,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_cuda_emulated import Problem, Source, build_emulated_ops, check, emulated_ops  # noqa: E402,F401
+from test_cuda_emulated import (Problem, Source, build_emulated_ops, check, dw_tile_counts,  # noqa: E402,F401
+                                emulated_ops)
 
 # (C_in, H, C_out, H', N): SPEC §4.
 SPEC_SHAPES = [(64, 32, 128, 16, 256), (64, 32, 256, 8, 256), (64, 32, 512, 4, 256), (128, 16, 256, 8, 256),
@@ -206,7 +207,7 @@ def dw_tiles(c_in, c_out):
     """(tiles along C_out, tiles along C_in, cx, cy): the bf16 dW kernel's tiles of 128 x 64
     channels and the x-y cluster dw_launch puts them in (the largest power of two up to 4
     that divides each count), which also reaches a GPU wherever the SPEC shapes run."""
-    tiles_co, tiles_ci = -(-c_out // 128), -(-c_in // 64)
+    tiles_co, tiles_ci = dw_tile_counts(c_in, c_out, torch.bfloat16)
     return tiles_co, tiles_ci, min(4, tiles_co & -tiles_co), min(4, tiles_ci & -tiles_ci)
 
 

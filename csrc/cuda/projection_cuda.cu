@@ -436,18 +436,21 @@ __device__ __forceinline__ void store_run(scalar_t* p, int g, const scalar_t (&v
 // A 16-byte run of an activation staged into shared memory as it is, at 16-byte aligned
 // addresses: cp.async (cached in L2 only, no round trip through registers). A thread's
 // copies land by its copy_async_wait(), which comes before the barrier that publishes them.
-// The emulation copies through load_act (counted, alignment checked).
+// The emulation reads through load_act (counted, alignment checked) and lands the copy at the
+// wait, no sooner.
 template <typename scalar_t>
 __device__ __forceinline__ void copy_run_async(scalar_t* smem, const scalar_t* gmem) {
 #ifdef HIRES_EMULATED
-  *reinterpret_cast<Vec16<scalar_t>*>(smem) = load_act(reinterpret_cast<const Vec16<scalar_t>*>(gmem));
+  emu_copy_async(smem, load_act(reinterpret_cast<const Vec16<scalar_t>*>(gmem)));
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #endif
 }
 __device__ __forceinline__ void copy_async_wait() {
-#ifndef HIRES_EMULATED
+#ifdef HIRES_EMULATED
+  emu_copy_async_wait();
+#else
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }
