@@ -9,9 +9,9 @@
 // cluster; such kernels keep all their shared memory dynamic (a static __shared__ here is one
 // for the whole launch).
 // Outputs and scratch come from emu_empty, filled with NaN: a value a kernel fails to
-// write shows up in the comparison with the reference; so does shared memory (0xff before
-// each block) read before a cp.async copy lands there (at the copying thread's wait) or
-// read in a peer block after that block exits. A launch a GPU would refuse or fault on
+// write shows up in the comparison with the reference; so does shared memory (0xff at
+// first and as each block ends) read before a cp.async copy lands there (at the copying
+// thread's wait) or read in a peer block after that block exits. A launch a GPU would refuse or fault on
 // fails here too: a misaligned global access, a block over 1024 threads, more
 // than 48 KiB of dynamic shared memory without the kernel's limit raised, a grid its
 // clusters do not tile, a cluster over 8 blocks without the kernel's non-portable size

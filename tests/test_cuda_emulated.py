@@ -412,6 +412,7 @@ def test_emulated_cp_async_copies_must_be_waited_for(emulated_ops):
         emulated_ops.traffic()
     check(problem, emulated_ops, torch.bfloat16, _within_eager(torch.bfloat16))
 
+
 # (N, C_in, C_out, H, W, stride, layout, dtype) -> the dW kernel's cluster (tiles of 128 output
 # channels in bf16, 64 otherwise, by 64 input channels; z-ranks each summing a part of a
 # split): 2 x 4 tiles (steps of 128 positions, each block staging 32 of its dy tile's and 64 of
