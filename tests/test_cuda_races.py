@@ -108,7 +108,9 @@ def run_sanitized(build_dir: str, mutated: bool, cases) -> tuple[subprocess.Comp
         pytest.skip("the compiler has no ThreadSanitizer runtime (libtsan)")
     if shutil.which("ninja") is None:
         pytest.skip("ninja is needed to build the emulated CUDA kernels")
-    env = dict(os.environ, LD_PRELOAD=runtime, TSAN_OPTIONS="halt_on_error=0 exitcode=66")
+    # Every race reported once per pair of stacks, not once per address: the mutations' races
+    # share addresses (the dW kernel parks its accumulators where it staged its steps).
+    env = dict(os.environ, LD_PRELOAD=runtime, TSAN_OPTIONS="halt_on_error=0 exitcode=66 suppress_equal_addresses=0")
     command = [sys.executable, os.path.abspath(__file__), build_dir, "mutated" if mutated else "clean", *cases]
     # ThreadSanitizer needs the address-space layout it expects, which randomisation of more than
     # 28 bits breaks on some kernels: without it (setarch -R) where that is possible.
